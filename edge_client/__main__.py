@@ -1,0 +1,233 @@
+"""``python -m edge_client``: the device program.
+
+Subcommands:
+  run       poll the bucket, join cohorts, train on this device's shard, upload
+  evaluate  test accuracy of a global version (default: the newest)
+  status    versions and open cohorts of the bucket
+
+Connection settings come from flags or the environment: ``S3_ENDPOINT_URL``
+(omit for AWS), ``BUCKET``, ``CLIENT_ID``; AWS credentials as boto3 finds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fedcore.errors import FedError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint-url",
+        default=os.environ.get("S3_ENDPOINT_URL") or None,
+        help="S3 API endpoint (env S3_ENDPOINT_URL; omit for AWS)",
+    )
+    p.add_argument("--bucket", default=os.environ.get("BUCKET"), help="bucket name (env BUCKET)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None, help="MNIST cache dir (env FL_DATA_DIR)")
+    p.add_argument("--idx-dir", type=Path, default=None, help="use these MNIST IDX files instead")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ
+    ap = argparse.ArgumentParser(
+        prog="python -m edge_client",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="participate in federated training")
+    _common(run)
+    _data_args(run)
+    run.add_argument(
+        "--client-id", default=env.get("CLIENT_ID"), help="this device's id (env CLIENT_ID)"
+    )
+    run.add_argument(
+        "--num-shards",
+        type=int,
+        default=int(env.get("NUM_SHARDS", "10")),
+        help="how many devices the training set is split among",
+    )
+    run.add_argument(
+        "--shard", type=int, default=int(env.get("SHARD", "0")), help="this device's shard index"
+    )
+    run.add_argument(
+        "--partition", choices=["iid", "dirichlet", "shards"], default=env.get("PARTITION", "iid")
+    )
+    run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    run.add_argument("--partition-seed", type=int, default=0)
+    run.add_argument(
+        "--max-samples", type=int, default=0, help="use at most this many examples (0: all)"
+    )
+    run.add_argument("--epochs", type=int, default=1)
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--lr", type=float, default=0.05)
+    run.add_argument("--momentum", type=float, default=0.9)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    run.add_argument(
+        "--max-rounds", type=int, default=0, help="stop after this many participations (0: none)"
+    )
+    run.add_argument(
+        "--until-version", type=int, default=0, help="stop once the global version reaches this"
+    )
+    run.add_argument("--poll-s", type=float, default=1.0)
+    run.add_argument("--cohort-timeout-s", type=float, default=600.0)
+
+    ev = sub.add_parser("evaluate", help="test accuracy of a global version")
+    _common(ev)
+    _data_args(ev)
+    ev.add_argument("--version", type=int, default=None, help="default: the newest")
+    ev.add_argument("--threads", type=int, default=2)
+
+    st = sub.add_parser("status", help="versions and open cohorts")
+    _common(st)
+    st.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds")
+    st.add_argument("--versions", type=int, default=10)
+    st.add_argument("--cohorts", type=int, default=10)
+    args = ap.parse_args(argv)
+    if not args.bucket:
+        ap.error("no bucket: pass --bucket or set BUCKET")
+    if args.command == "run":
+        if not args.client_id:
+            ap.error("no client id: pass --client-id or set CLIENT_ID")
+        if not 0 <= args.shard < args.num_shards:
+            ap.error(f"--shard must be in [0, {args.num_shards})")
+    return args
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from edge_client.data import load_mnist, partition
+    from edge_client.device import Device, LoopSettings, say
+    from edge_client.train import TrainSettings
+    from fedcore.participant import Participant
+    from fedcore.storage import S3Store
+
+    torch.set_num_threads(args.threads)
+    mnist = load_mnist(
+        cache_dir=args.data_dir, idx_dir=args.idx_dir, progress=lambda m: say(args.client_id, m)
+    )
+    idx = partition(
+        mnist.train_y, args.num_shards, args.partition, seed=args.partition_seed, alpha=args.alpha
+    )[args.shard]
+    if args.max_samples:
+        idx = idx[: args.max_samples]
+    say(
+        args.client_id,
+        f"shard {args.shard}/{args.num_shards} ({args.partition}): {len(idx)} examples",
+    )
+    store = S3Store.connect(args.bucket, args.endpoint_url)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        say(args.client_id, "stopping after the current step (Ctrl-C again to abort now)")
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    device = Device(
+        Participant(store, args.client_id),
+        mnist.train_x[idx],
+        mnist.train_y[idx],
+        TrainSettings(args.epochs, args.batch_size, args.lr, args.momentum, args.seed),
+        LoopSettings(
+            max_rounds=args.max_rounds,
+            until_version=args.until_version,
+            poll_s=args.poll_s,
+            cohort_timeout_s=args.cohort_timeout_s,
+        ),
+        stop=stop,
+    )
+    rounds = device.run()
+    say(args.client_id, f"finished after {rounds} participation(s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from edge_client.data import load_mnist
+    from edge_client.model import build
+    from edge_client.train import evaluate
+    from fedcore.storage import S3Store
+    from fedcore.versions import find_head, load_model
+
+    torch.set_num_threads(args.threads)
+    store = S3Store.connect(args.bucket, args.endpoint_url)
+    version = find_head(store) if args.version is None else args.version
+    params, meta, _ = load_model(store, version)
+    mnist = load_mnist(
+        cache_dir=args.data_dir, idx_dir=args.idx_dir, progress=lambda m: print(m, file=sys.stderr)
+    )
+    acc, loss = evaluate(build(params), mnist.test_x, mnist.test_y)
+    print(
+        f"version {version}: test accuracy {acc:.4f}, loss {loss:.4f} "
+        f"on {len(mnist.test_y)} images (cohorts {meta.cohorts or '-'})"
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedcore.status import describe
+    from fedcore.storage import S3Store
+
+    store = S3Store.connect(args.bucket, args.endpoint_url)
+    while True:
+        view = describe(store, versions=args.versions, cohorts=args.cohorts)
+        lines = [
+            f"bucket {args.bucket}: head version {view.head_version} (pointer {view.pointer_version})"
+        ]
+        for v in reversed(view.versions):
+            made = (
+                time.strftime("%H:%M:%S", time.localtime(v["created_at"]))
+                if v["created_at"]
+                else "-"
+            )
+            lines.append(
+                f"  v{v['version']:<5} parent {v['parent']!s:<5} cohorts {','.join(v['cohorts']) or '-':<12}"
+                f" staleness {v['staleness']:<3} members {v['members']:<4} {made}"
+            )
+        lines.append("cohorts (newest last):")
+        for c in view.cohorts:
+            outcome = (
+                f"{c.outcome} v{c.version}" if c.outcome == "applied" else (c.outcome or "open")
+            )
+            lines.append(
+                f"  {c.cohort_id} base v{c.base_version} members {c.members} uploads {c.uploads} "
+                f"phases [{','.join(c.phases)}] {outcome}"
+            )
+        if args.watch:
+            print("\033[2J\033[H", end="")
+        print("\n".join(lines), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return {"run": cmd_run, "evaluate": cmd_evaluate, "status": cmd_status}[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing partial was written", file=sys.stderr)
+        return 130
+    except FedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

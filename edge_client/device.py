@@ -1,0 +1,140 @@
+"""The device loop: poll, check in, wait for a cohort, train, upload, repeat.
+
+Every step is a read or a write-once put of this device's own objects, so
+Ctrl-C or a crash at any point leaves nothing half-written: on restart the
+device simply checks in again (an unused check-in expires; an unfinished
+cohort counts it as a dropout).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edge_client.model import build, to_numpy
+from edge_client.train import TrainSettings, train_local
+from fedcore.errors import NotFoundError, StorageError
+from fedcore.participant import Participant
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    max_rounds: int = 0  # 0: no limit
+    until_version: int = 0  # stop once the global model reaches this version (0: never)
+    poll_s: float = 1.0
+    max_poll_s: float = 10.0
+    wait_for_new_version: bool = True  # do not train twice from the same base
+    cohort_timeout_s: float = 600.0
+
+
+def say(client_id: str, msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {client_id}: {msg}", file=sys.stderr, flush=True)
+
+
+class Device:
+    def __init__(
+        self,
+        participant: Participant,
+        x: np.ndarray,
+        y: np.ndarray,
+        train: TrainSettings,
+        loop: LoopSettings,
+        *,
+        log: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.p = participant
+        self.x, self.y = x, y
+        self.train = train
+        self.loop = loop
+        self.log = log or (lambda m: say(participant.client_id, m))
+        self.stop = stop or threading.Event()
+        self.rounds = 0
+        self._last_base = -1
+
+    def _sleep(self, delay: float) -> None:
+        self.stop.wait(
+            delay * random.uniform(0.5, 1.5)
+        )  # jitter: devices must not poll in lockstep
+
+    def _wait_for_version(self) -> int | None:
+        """Poll the pointer (conditional GET) until there is something new to train on."""
+        delay = self.loop.poll_s
+        waited_msg = False
+        while not self.stop.is_set():
+            try:
+                pointer, changed = self.p.poll_latest()
+            except NotFoundError:
+                self.log("no global model yet (bucket not seeded); waiting")
+                self._sleep(delay)
+                delay = min(delay * 2, self.loop.max_poll_s)
+                continue
+            except StorageError as exc:
+                self.log(f"storage error while polling ({exc}); backing off")
+                self._sleep(delay)
+                delay = min(delay * 2, self.loop.max_poll_s)
+                continue
+            if self.loop.until_version and pointer.version >= self.loop.until_version:
+                self.log(f"global model reached version {pointer.version}; done")
+                return None
+            if not self.loop.wait_for_new_version or pointer.version > self._last_base:
+                return pointer.version
+            if not waited_msg:
+                self.log(f"waiting for a version newer than {self._last_base}")
+                waited_msg = True
+            delay = self.loop.poll_s if changed else min(delay * 1.5, self.loop.max_poll_s)
+            self._sleep(delay)
+        return None
+
+    def run_once(self) -> bool:
+        """One participation; False when the loop should end."""
+        latest = self._wait_for_version()
+        if latest is None:
+            return False
+        ticket = self.p.check_in(latest)
+        self.log(f"checked in at version {latest}; waiting for a cohort")
+        cfg = None
+        deadline = time.monotonic() + self.loop.cohort_timeout_s
+        while cfg is None and not self.stop.is_set() and time.monotonic() < deadline:
+            cfg = self.p.wait_for_cohort(
+                ticket,
+                timeout_s=self.loop.poll_s * 5,
+                poll_s=self.loop.poll_s / 2,
+                should_stop=self.stop.is_set,
+            )
+            if cfg is None and not self.p.checkin_pending(ticket):
+                cfg, ticket = self.p.find_cohort(ticket)
+                if cfg is None:
+                    self.log("check-in expired without a cohort; checking in again")
+                    return True
+        if cfg is None:
+            return not self.stop.is_set()
+        self.log(
+            f"joined {cfg.cohort_id} ({len(cfg.members)} members, base version {cfg.base_version})"
+        )
+        base = self.p.fetch_model(cfg.base_version)
+        model = build(base)
+        t0 = time.monotonic()
+        result = train_local(model, self.x, self.y, self.train, progress=self.log)
+        delta = {k: v - base[k] for k, v in to_numpy(model).items()}
+        self.p.upload_plain(cfg, delta, num_samples=result.num_samples, loss=result.loss)
+        self.log(
+            f"uploaded update to {cfg.cohort_id}: {result.num_samples} samples, "
+            f"loss {result.loss:.4f}, trained in {time.monotonic() - t0:.1f}s"
+        )
+        self._last_base = cfg.base_version
+        self.rounds += 1
+        return not (self.loop.max_rounds and self.rounds >= self.loop.max_rounds)
+
+    def run(self) -> int:
+        torch.manual_seed(self.train.seed)
+        while not self.stop.is_set() and self.run_once():
+            pass
+        return self.rounds

@@ -1,0 +1,294 @@
+"""Safetensors codec for global models and client updates, strict on input.
+
+Encoding uses the ``safetensors`` library, so every object in the bucket is a
+real safetensors file any tool can open. Decoding uses our own parser of the
+(simple) format because the aggregation function reads objects written by
+strangers: it must bound the header before parsing it, check that offsets tile
+the data buffer exactly, and check names, dtypes and shapes against the model
+schema before a single value is used. Decoded arrays are read-only views of
+the downloaded bytes (no copy).
+
+Format: 8-byte little-endian header length N, N bytes of JSON header
+(``{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}``),
+then the data buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save as _st_save
+
+from fedcore.errors import IntegrityError
+
+MAX_HEADER_BYTES = 1 << 20  # a 4-tensor model needs < 1 KiB; 1 MiB leaves room for metadata
+MAX_OBJECT_BYTES = 1 << 30
+
+_DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "U32": np.dtype("<u4"),
+    "I64": np.dtype("<i8"),
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+MODEL_FORMAT = "fedcore.model.v1"
+UPDATE_FORMAT = "fedcore.update.v1"
+
+# name -> (dtype name, shape)
+Schema = Mapping[str, tuple[str, tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated safetensors header."""
+
+    metadata: dict[str, str]
+    tensors: dict[str, tuple[str, tuple[int, ...], int, int]]  # name -> dtype, shape, begin, end
+    data_start: int
+    data_len: int
+
+
+def parse_header(blob: bytes | memoryview, *, where: str, total_size: int | None = None) -> Header:
+    """Validate the header of a safetensors object.
+
+    ``blob`` may be only a prefix of the object (for metadata-only reads); pass
+    the full object size as ``total_size`` then. Raises ``IntegrityError``
+    naming ``where`` on anything malformed.
+    """
+    size = len(blob) if total_size is None else total_size
+    if size > MAX_OBJECT_BYTES:
+        raise IntegrityError(f"{where}: object of {size} bytes exceeds {MAX_OBJECT_BYTES}")
+    if len(blob) < 8:
+        raise IntegrityError(f"{where}: truncated: {len(blob)} bytes, no header length")
+    (n,) = struct.unpack_from("<Q", blob, 0)
+    if n > MAX_HEADER_BYTES:
+        raise IntegrityError(f"{where}: header claims {n} bytes, limit {MAX_HEADER_BYTES}")
+    if 8 + n > size:
+        raise IntegrityError(f"{where}: header claims {n} bytes but object has {size}")
+    if 8 + n > len(blob):
+        raise IntegrityError(f"{where}: header not fully read ({len(blob)} of {8 + n} bytes)")
+    try:
+        raw = json.loads(bytes(blob[8 : 8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{where}: header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise IntegrityError(f"{where}: header is not a JSON object")
+    meta = raw.pop("__metadata__", {}) or {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise IntegrityError(f"{where}: __metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    spans = []
+    for name, info in raw.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise IntegrityError(f"{where}: tensor {name!r} entry malformed")
+        dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _DTYPES:
+            raise IntegrityError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= 8
+            and all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape
+            )
+        ):
+            raise IntegrityError(f"{where}: tensor {name!r} has invalid shape {shape!r}")
+        if not (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        ):
+            raise IntegrityError(f"{where}: tensor {name!r} has invalid data_offsets")
+        begin, end = offs
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
+            raise IntegrityError(
+                f"{where}: tensor {name!r} offsets {offs} do not match shape {shape} "
+                f"{dtype} within a {data_len}-byte buffer"
+            )
+        tensors[name] = (dtype, tuple(shape), begin, end)
+        spans.append((begin, end))
+    spans.sort()
+    cursor = 0
+    for begin, end in spans:
+        if begin != cursor:
+            raise IntegrityError(f"{where}: tensor data overlaps or leaves gaps at byte {begin}")
+        cursor = end
+    if cursor != data_len:
+        raise IntegrityError(f"{where}: {data_len - cursor} trailing bytes after tensor data")
+    return Header(meta, tensors, 8 + n, data_len)
+
+
+def decode_tensors(
+    blob: bytes, *, where: str, schema: Schema | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Decode a whole object into read-only arrays, checked against ``schema``."""
+    header = parse_header(blob, where=where)
+    if schema is not None:
+        check_schema(header, schema, where=where)
+    buf = memoryview(blob)[header.data_start :]
+    out = {}
+    for name, (dtype, shape, begin, end) in header.tensors.items():
+        arr = np.frombuffer(buf[begin:end], dtype=_DTYPES[dtype]).reshape(shape)
+        out[name] = arr
+    return out, header.metadata
+
+
+def check_schema(header: Header, schema: Schema, *, where: str) -> None:
+    names, expected = set(header.tensors), set(schema)
+    if names != expected:
+        missing, extra = sorted(expected - names), sorted(names - expected)
+        raise IntegrityError(f"{where}: tensor names differ: missing {missing}, unexpected {extra}")
+    for name, (dtype, shape) in schema.items():
+        got_dtype, got_shape, _, _ = header.tensors[name]
+        if got_dtype != dtype or got_shape != tuple(shape):
+            raise IntegrityError(
+                f"{where}: tensor {name!r} is {got_dtype}{list(got_shape)}, "
+                f"expected {dtype}{list(shape)}"
+            )
+
+
+def schema_of(tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {
+        name: (_DTYPE_NAMES[np.dtype(a.dtype).newbyteorder("<")], tuple(a.shape))
+        for name, a in tensors.items()
+    }
+
+
+def with_dtype(schema: Schema, dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {name: (dtype, shape) for name, (_, shape) in schema.items()}
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    arrays = {name: np.array(a, order="C", copy=None) for name, a in tensors.items()}
+    for name, a in arrays.items():
+        if np.dtype(a.dtype).newbyteorder("<") not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {a.dtype}")
+    return _st_save(arrays, metadata=dict(metadata))
+
+
+# -- typed metadata ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a global version says about itself (``__metadata__`` of the model).
+
+    ``cohorts`` names the cohort(s) this version applied: the commit protocol
+    (DESIGN.md section 4) decides "was cohort X applied?" by reading these.
+    """
+
+    version: int
+    parent: int | None
+    cohorts: list[str] = field(default_factory=list)
+    staleness: int = 0
+    base_version: int | None = None
+    weight: float = 0.0
+    members: list[str] = field(default_factory=list)
+    num_samples: int = 0
+    created_at: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"format": MODEL_FORMAT, "fedcore": json.dumps(asdict(self), sort_keys=True)}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], *, where: str) -> ModelMeta:
+        doc = _meta_doc(meta, MODEL_FORMAT, where)
+        try:
+            out = cls(**doc)
+            if not isinstance(out.version, int) or out.version < 0:
+                raise TypeError("version must be a non-negative int")
+        except TypeError as exc:
+            raise IntegrityError(f"{where}: model metadata invalid: {exc}") from None
+        return out
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    """What a client says about its update; every field is checked against the key and config."""
+
+    cohort_id: str
+    client_id: str
+    base_version: int
+    num_samples: int
+    loss: float
+    mode: str = "plaintext"
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"format": UPDATE_FORMAT, "fedcore": json.dumps(asdict(self), sort_keys=True)}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], *, where: str) -> UpdateMeta:
+        doc = _meta_doc(meta, UPDATE_FORMAT, where)
+        try:
+            out = cls(**doc)
+        except TypeError as exc:
+            raise IntegrityError(f"{where}: update metadata invalid: {exc}") from None
+        if not isinstance(out.num_samples, int) or isinstance(out.num_samples, bool):
+            raise IntegrityError(f"{where}: num_samples must be an integer")
+        if not 1 <= out.num_samples <= 10_000_000:
+            raise IntegrityError(f"{where}: num_samples {out.num_samples} out of range [1, 1e7]")
+        if not isinstance(out.base_version, int) or out.base_version < 0:
+            raise IntegrityError(f"{where}: base_version must be a non-negative integer")
+        if not isinstance(out.loss, (int, float)) or not math.isfinite(out.loss):
+            raise IntegrityError(f"{where}: loss must be a finite number")
+        return out
+
+
+def _meta_doc(meta: Mapping[str, str], fmt: str, where: str) -> dict[str, Any]:
+    if meta.get("format") != fmt:
+        raise IntegrityError(f"{where}: format is {meta.get('format')!r}, expected {fmt!r}")
+    try:
+        doc = json.loads(meta.get("fedcore", ""))
+    except json.JSONDecodeError:
+        raise IntegrityError(f"{where}: metadata 'fedcore' is not JSON") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{where}: metadata 'fedcore' is not an object")
+    return doc
+
+
+# -- models and plaintext updates -------------------------------------------
+
+
+def encode_model(params: Mapping[str, np.ndarray], meta: ModelMeta) -> bytes:
+    for name, a in params.items():
+        if a.dtype != np.float32:
+            raise ValueError(f"model tensor {name!r} must be float32, got {a.dtype}")
+    return encode_tensors(params, meta.to_metadata())
+
+
+def decode_model(
+    blob: bytes, *, where: str, schema: Schema | None = None
+) -> tuple[dict[str, np.ndarray], ModelMeta]:
+    tensors, meta = decode_tensors(blob, where=where, schema=schema)
+    for name, a in tensors.items():
+        if a.dtype != np.float32:
+            raise IntegrityError(f"{where}: model tensor {name!r} is {a.dtype}, expected float32")
+    return tensors, ModelMeta.from_metadata(meta, where=where)
+
+
+def encode_update(delta: Mapping[str, np.ndarray], meta: UpdateMeta) -> bytes:
+    return encode_tensors(
+        {k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}, meta.to_metadata()
+    )
+
+
+def decode_update(
+    blob: bytes, *, where: str, schema: Schema
+) -> tuple[dict[str, np.ndarray], UpdateMeta]:
+    """Decode a plaintext update: float32, the model's names and shapes, all finite."""
+    tensors, meta = decode_tensors(blob, where=where, schema=with_dtype(schema, "F32"))
+    for name, a in tensors.items():
+        if not np.isfinite(a).all():
+            raise IntegrityError(f"{where}: tensor {name!r} contains NaN or infinity")
+    return tensors, UpdateMeta.from_metadata(meta, where=where)

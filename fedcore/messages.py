@@ -1,0 +1,222 @@
+"""JSON protocol messages, parsed and validated in one place.
+
+Every JSON object in the bucket that the protocol reads goes through
+``parse_*`` here: size-bounded, strictly typed, with an ``IntegrityError``
+naming the object on anything unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from fedcore.errors import IntegrityError
+from fedcore.layout import Phase, check_id, cohort_seq
+
+MAX_MESSAGE_BYTES = 1 << 20
+MODES = ("plaintext",)  # "secagg" joins in the secure-aggregation issue
+
+T = TypeVar("T")
+
+
+def _load(blob: bytes, where: str) -> dict[str, Any]:
+    if len(blob) > MAX_MESSAGE_BYTES:
+        raise IntegrityError(f"{where}: message of {len(blob)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        doc = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{where}: not UTF-8 JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{where}: not a JSON object")
+    return doc
+
+
+def _req(doc: dict[str, Any], name: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if name not in doc:
+        raise IntegrityError(f"{where}: missing field {name!r}")
+    value = doc[name]
+    if isinstance(value, bool) and typ in (int, float, (int, float)):
+        raise IntegrityError(f"{where}: field {name!r} must be {typ}, got bool")
+    if not isinstance(value, typ):
+        raise IntegrityError(f"{where}: field {name!r} must be {typ}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise IntegrityError(f"{where}: field {name!r} is not finite")
+    return value
+
+
+def dumps(msg: Any) -> bytes:
+    return json.dumps(asdict(msg), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _ids(value: Any, where: str, what: str) -> list[str]:
+    if not isinstance(value, list):
+        raise IntegrityError(f"{where}: {what} must be a list")
+    try:
+        return [check_id(v, what) for v in value]
+    except ValueError as exc:
+        raise IntegrityError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class CheckIn:
+    """ "I want to join a cohort": written by a device under ``checkins/{client}/{nonce}.json``."""
+
+    client_id: str
+    nonce: str
+    created_at: float
+    mode: str = "plaintext"
+    last_version: int = -1
+
+
+def parse_checkin(blob: bytes, *, where: str) -> CheckIn:
+    doc = _load(blob, where)
+    try:
+        msg = CheckIn(
+            client_id=check_id(_req(doc, "client_id", str, where), "client id"),
+            nonce=check_id(_req(doc, "nonce", str, where), "nonce"),
+            created_at=float(_req(doc, "created_at", (int, float), where)),
+            mode=_req(doc, "mode", str, where),
+            last_version=_req(doc, "last_version", int, where),
+        )
+    except ValueError as exc:
+        raise IntegrityError(f"{where}: {exc}") from None
+    if msg.mode not in MODES:
+        raise IntegrityError(f"{where}: unknown mode {msg.mode!r}")
+    return msg
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """Write-once description of a cohort: who is in it and what it trains from.
+
+    ``members`` maps client id -> the nonce of the check-in it was formed from,
+    so that a check-in is "taken" exactly when some open cohort names it.
+    ``deadlines`` maps a phase name to a Unix time after which the sweeper
+    closes that phase with whoever has written.
+    """
+
+    cohort_id: str
+    base_version: int
+    members: dict[str, str]
+    mode: str
+    min_members: int
+    created_at: float
+    deadlines: dict[str, float]
+    server_lr: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_config(blob: bytes, *, where: str) -> CohortConfig:
+    doc = _load(blob, where)
+    members = _req(doc, "members", dict, where)
+    try:
+        cid = _req(doc, "cohort_id", str, where)
+        cohort_seq(cid)
+        for client, nonce in members.items():
+            check_id(client, "client id")
+            check_id(nonce, "nonce")
+    except (ValueError, TypeError) as exc:
+        raise IntegrityError(f"{where}: {exc}") from None
+    deadlines = _req(doc, "deadlines", dict, where)
+    for phase, t in deadlines.items():
+        if phase not in {p.value for p in Phase} or not isinstance(t, (int, float)):
+            raise IntegrityError(f"{where}: bad deadline {phase!r}: {t!r}")
+    cfg = CohortConfig(
+        cohort_id=cid,
+        base_version=_req(doc, "base_version", int, where),
+        members=dict(members),
+        mode=_req(doc, "mode", str, where),
+        min_members=_req(doc, "min_members", int, where),
+        created_at=float(_req(doc, "created_at", (int, float), where)),
+        deadlines={k: float(v) for k, v in deadlines.items()},
+        server_lr=float(_req(doc, "server_lr", (int, float), where)),
+        params=dict(doc.get("params") or {}),
+    )
+    if cfg.mode not in MODES:
+        raise IntegrityError(f"{where}: unknown mode {cfg.mode!r}")
+    if not 1 <= cfg.min_members <= max(1, len(cfg.members)):
+        raise IntegrityError(
+            f"{where}: min_members {cfg.min_members} invalid for {len(cfg.members)}"
+        )
+    return cfg
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Write-once close of a phase: exactly these members count from here on."""
+
+    cohort_id: str
+    phase: str
+    members: list[str]
+    etags: dict[str, str]
+    closed_by: str  # "all-members" or "deadline"
+    closed_at: float
+
+
+def parse_manifest(blob: bytes, *, where: str) -> Manifest:
+    doc = _load(blob, where)
+    etags = _req(doc, "etags", dict, where)
+    return Manifest(
+        cohort_id=_req(doc, "cohort_id", str, where),
+        phase=_req(doc, "phase", str, where),
+        members=_ids(_req(doc, "members", list, where), where, "member"),
+        etags={str(k): str(v) for k, v in etags.items()},
+        closed_by=_req(doc, "closed_by", str, where),
+        closed_at=float(_req(doc, "closed_at", (int, float), where)),
+    )
+
+
+@dataclass(frozen=True)
+class Result:
+    """Write-once outcome of a cohort: applied as ``version``, or aborted with ``reason``."""
+
+    cohort_id: str
+    status: str  # "applied" | "aborted"
+    version: int | None
+    reason: str
+    included: list[str]
+    rejected: dict[str, str]
+    finished_at: float
+    phase_s: dict[str, float] = field(default_factory=dict)
+
+
+def parse_result(blob: bytes, *, where: str) -> Result:
+    doc = _load(blob, where)
+    status = _req(doc, "status", str, where)
+    if status not in ("applied", "aborted"):
+        raise IntegrityError(f"{where}: unknown status {status!r}")
+    version = doc.get("version")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        raise IntegrityError(f"{where}: version must be an integer or null")
+    return Result(
+        cohort_id=_req(doc, "cohort_id", str, where),
+        status=status,
+        version=version,
+        reason=_req(doc, "reason", str, where),
+        included=_ids(_req(doc, "included", list, where), where, "member"),
+        rejected={str(k): str(v) for k, v in _req(doc, "rejected", dict, where).items()},
+        finished_at=float(_req(doc, "finished_at", (int, float), where)),
+        phase_s={str(k): float(v) for k, v in (doc.get("phase_s") or {}).items()},
+    )
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """``global/latest.json``: an accelerator for polling, never the source of truth."""
+
+    version: int
+    key: str
+    sha256: str
+    updated_at: float
+
+
+def parse_pointer(blob: bytes, *, where: str) -> Pointer:
+    doc = _load(blob, where)
+    return Pointer(
+        version=_req(doc, "version", int, where),
+        key=_req(doc, "key", str, where),
+        sha256=_req(doc, "sha256", str, where),
+        updated_at=float(_req(doc, "updated_at", (int, float), where)),
+    )

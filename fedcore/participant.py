@@ -1,0 +1,155 @@
+"""The device's side of the cohort protocol, without any training (torch-free).
+
+``edge_client`` wraps this with PyTorch; tests and the many-devices simulation
+drive it directly with synthetic updates. Everything a device does is a read,
+or a write-once put of its own objects, so a device that restarts simply
+re-reads where it stands.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcore import layout
+from fedcore.codec import UpdateMeta, encode_update
+from fedcore.errors import IntegrityError, NotFoundError, NotModifiedError
+from fedcore.layout import Kind, Phase
+from fedcore.messages import (
+    CheckIn,
+    CohortConfig,
+    Pointer,
+    Result,
+    dumps,
+    parse_config,
+    parse_pointer,
+    parse_result,
+)
+from fedcore.storage import ObjectStore
+from fedcore.versions import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A pending check-in, and where to start looking for the cohort that takes it."""
+
+    nonce: str
+    key: str
+    cursor: str | None
+    created_at: float
+
+
+class Participant:
+    def __init__(self, store: ObjectStore, client_id: str, *, mode: str = "plaintext") -> None:
+        self.store = store
+        self.client_id = layout.check_id(client_id, "client id")
+        self.mode = mode
+        self._pointer_etag: str | None = None
+        self._pointer: Pointer | None = None
+
+    # -- polling the global model -----------------------------------------
+    def poll_latest(self) -> tuple[Pointer, bool]:
+        """The newest pointer and whether it changed since the last poll (conditional GET)."""
+        try:
+            obj = self.store.get(layout.LATEST_KEY, if_none_match=self._pointer_etag)
+        except NotModifiedError:
+            assert self._pointer is not None
+            return self._pointer, False
+        self._pointer = parse_pointer(obj.body, where=layout.LATEST_KEY)
+        self._pointer_etag = obj.etag
+        return self._pointer, True
+
+    def fetch_model(self, version: int) -> dict[str, np.ndarray]:
+        params, _, _ = load_model(self.store, version)
+        return params
+
+    # -- check-in and cohort discovery --------------------------------------
+    def check_in(self, last_version: int) -> Ticket:
+        # List cohorts *before* writing the check-in: any cohort that takes it
+        # is formed after the write, so it sorts after this cursor.
+        prefixes = self.store.list_prefixes(layout.COHORTS_PREFIX)
+        cursor = prefixes[-1] + "~" if prefixes else None
+        nonce = secrets.token_hex(8)
+        key = layout.checkin_key(self.client_id, nonce)
+        msg = CheckIn(self.client_id, nonce, time.time(), self.mode, last_version)
+        self.store.put_new(key, dumps(msg), content_type="application/json")
+        log.info("checked in", extra={"client_id": self.client_id, "key": key})
+        return Ticket(nonce, key, cursor, msg.created_at)
+
+    def find_cohort(self, ticket: Ticket) -> tuple[CohortConfig | None, Ticket]:
+        """The cohort naming this check-in, if one was formed; advances the cursor."""
+        cursor = ticket.cursor
+        settled = True  # advance the cursor only past cohorts whose config was readable
+        for prefix in self.store.list_prefixes(layout.COHORTS_PREFIX, start_after=ticket.cursor):
+            key = prefix + "config.json"
+            try:
+                cfg = parse_config(self.store.get(key).body, where=key)
+            except NotFoundError:
+                settled = False  # being written right now (or a stray prefix): look again
+                continue
+            except IntegrityError as exc:
+                log.warning(
+                    "unreadable cohort config skipped", extra={"key": key, "reason": str(exc)}
+                )
+            else:
+                if cfg.members.get(self.client_id) == ticket.nonce:
+                    return cfg, ticket
+            if settled:
+                cursor = prefix + "~"
+        return None, Ticket(ticket.nonce, ticket.key, cursor, ticket.created_at)
+
+    def checkin_pending(self, ticket: Ticket) -> bool:
+        """False once formation took (deleted) the check-in, or the sweeper expired it."""
+        return self.store.head(ticket.key) is not None
+
+    def wait_for_cohort(
+        self,
+        ticket: Ticket,
+        *,
+        timeout_s: float,
+        poll_s: float = 0.5,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> CohortConfig | None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not should_stop():
+            cfg, ticket = self.find_cohort(ticket)
+            if cfg is not None:
+                return cfg
+            time.sleep(poll_s)
+        return None
+
+    # -- the input round -----------------------------------------------------
+    def upload_plain(
+        self, cfg: CohortConfig, delta: dict[str, np.ndarray], *, num_samples: int, loss: float
+    ) -> str:
+        """Upload a plaintext update (explicit plaintext mode only)."""
+        if cfg.mode != "plaintext":
+            raise ValueError(f"cohort {cfg.cohort_id} runs {cfg.mode!r}, not plaintext")
+        meta = UpdateMeta(
+            cfg.cohort_id, self.client_id, cfg.base_version, num_samples, float(loss), cfg.mode
+        )
+        key = layout.member_key(cfg.cohort_id, Kind.PLAIN, self.client_id)
+        self.store.put_new(key, encode_update(delta, meta), content_type="application/octet-stream")
+        log.info(
+            "update uploaded",
+            extra={
+                "client_id": self.client_id,
+                "cohort_id": cfg.cohort_id,
+                "version": cfg.base_version,
+            },
+        )
+        return key
+
+    def result(self, cohort_id: str) -> Result | None:
+        key = layout.state_key(cohort_id, Phase.RESULT)
+        try:
+            return parse_result(self.store.get(key).body, where=key)
+        except NotFoundError:
+            return None

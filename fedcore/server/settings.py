@@ -1,0 +1,60 @@
+"""Server-side parameters, read from the environment the template sets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from fedcore.messages import MODES
+from fedcore.server.apply import STALENESS_WEIGHTS
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Cohort formation, deadlines and the FedBuff apply rule.
+
+    ``cohort_size`` check-ins form a cohort at once; after ``checkin_wait_s``
+    the sweeper forms a smaller one from at least ``min_cohort_size``.
+    ``round_deadline_s`` bounds each phase; ``stuck_after_s`` is how long a
+    closed phase may wait for its finalizer before the sweeper redoes it.
+    """
+
+    cohort_size: int = 10
+    min_cohort_size: int = 2
+    round_deadline_s: float = 600.0
+    checkin_wait_s: float = 60.0
+    checkin_ttl_s: float = 3600.0
+    stuck_after_s: float = 120.0
+    server_lr: float = 1.0
+    staleness_weight: str = "inverse_sqrt"
+    mode: str = "plaintext"
+    read_concurrency: int = 4
+
+    def __post_init__(self) -> None:
+        if self.cohort_size < 1 or not 1 <= self.min_cohort_size <= self.cohort_size:
+            raise ValueError(
+                f"need 1 <= min_cohort_size ({self.min_cohort_size}) <= cohort_size ({self.cohort_size})"
+            )
+        if self.staleness_weight not in STALENESS_WEIGHTS:
+            raise ValueError(f"staleness_weight must be one of {sorted(STALENESS_WEIGHTS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        if self.server_lr <= 0 or self.round_deadline_s <= 0 or self.read_concurrency < 1:
+            raise ValueError("server_lr, round_deadline_s and read_concurrency must be positive")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> ServerSettings:
+        e = os.environ if env is None else env
+        d = cls()
+        return cls(
+            cohort_size=int(e.get("COHORT_SIZE", d.cohort_size)),
+            min_cohort_size=int(e.get("MIN_COHORT_SIZE", d.min_cohort_size)),
+            round_deadline_s=float(e.get("ROUND_DEADLINE_S", d.round_deadline_s)),
+            checkin_wait_s=float(e.get("CHECKIN_WAIT_S", d.checkin_wait_s)),
+            checkin_ttl_s=float(e.get("CHECKIN_TTL_S", d.checkin_ttl_s)),
+            stuck_after_s=float(e.get("STUCK_AFTER_S", d.stuck_after_s)),
+            server_lr=float(e.get("SERVER_LR", d.server_lr)),
+            staleness_weight=e.get("STALENESS_WEIGHT", d.staleness_weight),
+            mode=e.get("AGGREGATION_MODE", d.mode),
+            read_concurrency=int(e.get("READ_CONCURRENCY", d.read_concurrency)),
+        )

@@ -1,0 +1,29 @@
+"""Sweeper: on a schedule, close phases past their deadline and recover stuck cohorts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from functions.runtime import coordinator
+
+logger = Logger(service="fl-sweeper")
+metrics = Metrics(namespace="SecureFL", service="fl-sweeper")
+copy_config_to_registered_loggers(source_logger=logger, include={"fedcore"})
+
+
+def _metric(name: str, value: float, unit: str) -> None:
+    metrics.add_metric(name=name, unit=getattr(MetricUnit, unit, MetricUnit.Count), value=value)
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context(clear_state=True)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, int]:
+    counts = coordinator(_metric).sweep()
+    if any(counts.values()):
+        logger.info("sweep", extra=counts)
+    return counts

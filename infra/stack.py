@@ -1,0 +1,200 @@
+"""The local stack: an S3 API, a seeded bucket, the event pump and the sweeper.
+
+``LocalStack`` runs the *real* handlers in this process against a real S3
+API: the embedded moto server by default, or any endpoint you give (MinIO,
+SeaweedFS, AWS). Run it alone with ``python -m infra.stack`` and point
+devices at the endpoint it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import NotFoundError
+from fedcore.events import scheduled_event
+from fedcore.modelspec import init_params
+from fedcore.storage import S3Store
+from fedcore.versions import read_pointer, seed
+from infra.pump import EventPump, LocalContext, Timer
+from infra.s3server import EmbeddedS3
+
+log = logging.getLogger(__name__)
+
+# Environment the handlers read (the SAM template sets the same names).
+SETTING_ENV = {
+    "cohort_size": "COHORT_SIZE",
+    "min_cohort_size": "MIN_COHORT_SIZE",
+    "round_deadline_s": "ROUND_DEADLINE_S",
+    "checkin_wait_s": "CHECKIN_WAIT_S",
+    "checkin_ttl_s": "CHECKIN_TTL_S",
+    "stuck_after_s": "STUCK_AFTER_S",
+    "server_lr": "SERVER_LR",
+    "staleness_weight": "STALENESS_WEIGHT",
+    "mode": "AGGREGATION_MODE",
+}
+
+
+def seed_bucket(store: S3Store, *, model_seed: int = 0) -> bool:
+    """Create the bucket and version 0 unless present; True if this call seeded."""
+    store.ensure_bucket()
+    try:
+        read_pointer(store)
+        return False
+    except NotFoundError:
+        return seed(store, init_params(seed=model_seed))
+
+
+def route_function_logs(path: Path | None, level: str = "INFO") -> None:
+    """Send the handlers' JSON logs (powertools) to a file instead of stdout."""
+    names = ["fl-aggregator", "fl-sweeper", "fedcore"]
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    for name in names:
+        lg = logging.getLogger(name)
+        fmt = next((h.formatter for h in lg.handlers if h.formatter), None)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        if fmt is not None:
+            handler.setFormatter(fmt)
+        lg.addHandler(handler)
+        lg.setLevel(level)
+        lg.propagate = False
+
+
+class LocalStack:
+    def __init__(
+        self,
+        *,
+        endpoint_url: str | None = None,
+        bucket: str = "fl-local",
+        settings: dict[str, Any] | None = None,
+        duplicate: bool = False,
+        shuffle: bool = False,
+        pump_interval_s: float = 0.1,
+        sweep_interval_s: float = 1.0,
+        workers: int = 4,
+        log_path: Path | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self._given_endpoint = endpoint_url
+        self.bucket = bucket
+        self.settings = settings or {}
+        self.duplicate = duplicate
+        self.shuffle = shuffle
+        self.pump_interval_s = pump_interval_s
+        self.sweep_interval_s = sweep_interval_s
+        self.workers = workers
+        self.log_path = log_path
+        self.seed = seed
+        self._server: EmbeddedS3 | None = None
+        self.endpoint_url = endpoint_url or ""
+        self.pump: EventPump | None = None
+        self._sweeper: Timer | None = None
+        self.sweeps = 0
+
+    def start(self) -> LocalStack:
+        if self._given_endpoint is None:
+            self._server = EmbeddedS3().start()
+            self.endpoint_url = self._server.endpoint_url
+        os.environ["BUCKET"] = self.bucket
+        os.environ["S3_ENDPOINT_URL"] = self.endpoint_url
+        os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+        for name, value in self.settings.items():
+            os.environ[SETTING_ENV[name]] = str(value)
+        # Import after the environment is set: the handlers read it per invocation.
+        from functions.aggregator.app import handler as aggregate
+        from functions.sweeper.app import handler as sweep
+
+        route_function_logs(self.log_path)
+        self.store = S3Store.connect(self.bucket, self.endpoint_url)
+        seed_bucket(self.store)
+        self.pump = EventPump(
+            self.store,
+            aggregate,
+            interval_s=self.pump_interval_s,
+            workers=self.workers,
+            duplicate=self.duplicate,
+            shuffle=self.shuffle,
+            seed=self.seed,
+        ).start()
+
+        def run_sweeper() -> None:
+            sweep(scheduled_event(), LocalContext("sweeper"))
+            self.sweeps += 1
+
+        self._sweep_once = run_sweeper
+        self._sweeper = Timer(run_sweeper, self.sweep_interval_s, "sweeper").start()
+        return self
+
+    def sweep_now(self) -> None:
+        self._sweep_once()
+
+    def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.stop()
+        if self.pump:
+            self.pump.stop()
+        if self._server:
+            self._server.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__)
+    p.add_argument("--endpoint-url", help="use this S3 API instead of the embedded moto server")
+    p.add_argument("--port", type=int, default=0, help="port for the embedded server (0: any free)")
+    p.add_argument("--bucket", default="fl-local")
+    p.add_argument("--cohort-size", type=int, default=5)
+    p.add_argument("--min-cohort-size", type=int, default=2)
+    p.add_argument("--round-deadline-s", type=float, default=300.0)
+    p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--log", type=Path, default=Path("runs/stack/functions.log"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    server = None
+    endpoint = args.endpoint_url
+    if endpoint is None:
+        server = EmbeddedS3(args.port).start()
+        endpoint = server.endpoint_url
+    stack = LocalStack(
+        endpoint_url=endpoint,
+        bucket=args.bucket,
+        settings={
+            "cohort_size": args.cohort_size,
+            "min_cohort_size": args.min_cohort_size,
+            "round_deadline_s": args.round_deadline_s,
+            "server_lr": args.server_lr,
+        },
+        log_path=args.log,
+    ).start()
+    print(f"S3 endpoint {endpoint}  bucket {args.bucket}  function logs {args.log}")
+    print(
+        f"run a device:  S3_ENDPOINT_URL={endpoint} BUCKET={args.bucket} "
+        "python -m edge_client run --client-id dev-1 --num-shards 10 --shard 0"
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    stack.stop()
+    if server:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,581 @@
+"""Offline checks of the AWS SAM template (template.yaml) and its build (infra/sam/).
+
+- cfn-lint on the SAM template, and on the CloudFormation the SAM transform makes of it
+  (only the latter sees cycles such as bucket <-> function, see DESIGN.md section 7);
+- `sam validate --lint` and `sam build` with the SAM CLI from .venv-sam
+  (installed by infra/sam/install-sam.sh when missing);
+- structural assertions on the transformed template: least-privilege IAM, bucket hardening,
+  event wiring, failure destinations and alarms.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from samtranslator.translator.managed_policy_translator import ManagedPolicyLoader
+from samtranslator.translator.transform import transform
+from samtranslator.yaml_helper import yaml_parse
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO / "template.yaml"
+SAM_DIR = REPO / "infra" / "sam"
+MAKEFILE = SAM_DIR / "Makefile"
+REQUIREMENTS = SAM_DIR / "requirements.txt"
+INSTALL_SAM = SAM_DIR / "install-sam.sh"
+SAM = REPO / ".venv-sam" / "bin" / "sam"
+
+FUNCTIONS = {
+    "AggregatorFunction": "functions.aggregator.app.handler",
+    "SweeperFunction": "functions.sweeper.app.handler",
+}
+# Environment the handlers read (fedcore.server.settings, functions.runtime).
+REQUIRED_ENV = {
+    "BUCKET",
+    "COHORT_SIZE",
+    "MIN_COHORT_SIZE",
+    "ROUND_DEADLINE_S",
+    "SERVER_LR",
+    "STALENESS_WEIGHT",
+    "POWERTOOLS_SERVICE_NAME",
+    "POWERTOOLS_METRICS_NAMESPACE",
+    "POWERTOOLS_LOG_LEVEL",
+}
+LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024
+# The bucket name (a !Sub) that the bucket, the BUCKET variable and every IAM ARN share.
+BUCKET_NAME_SUB = "securefl-${AWS::AccountId}-${AWS::Region}-${StackSuffix}"
+
+
+def _tool_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        SAM_CLI_TELEMETRY="0",
+        AWS_DEFAULT_REGION=env.get("AWS_DEFAULT_REGION", "us-east-1"),
+        # The Makefile installs the Lambda's dependencies with `$(PYTHON) -m pip`; use this
+        # interpreter (it has pip) rather than whatever python3 is first on PATH.
+        PYTHON=sys.executable,
+    )
+    return env
+
+
+def _run(cmd: list[str | Path], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=_tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _cfn_lint(path: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "cfn-lint"
+    if not exe.exists():
+        found = shutil.which("cfn-lint")
+        assert found, "cfn-lint is not installed (pip install -e '.[dev]')"
+        exe = Path(found)
+    return _run([exe, path], timeout=300)
+
+
+class OfflinePolicyLoader(ManagedPolicyLoader):
+    """Managed-policy names -> ARNs without calling IAM (only used by SAM policy templates)."""
+
+    def __init__(self) -> None:
+        self._policy_map = {
+            "AWSLambdaBasicExecutionRole": (
+                "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
+            ),
+            "AWSXRayDaemonWriteAccess": "arn:aws:iam::aws:policy/AWSXRayDaemonWriteAccess",
+        }
+
+    def load(self) -> dict[str, str]:
+        return dict(self._policy_map)
+
+
+def _sam_transform(sam_template: dict[str, Any]) -> dict[str, Any]:
+    """Run the SAM transform offline, as `sam package` + CloudFormation would."""
+    tpl = copy.deepcopy(sam_template)
+    # The translator wants S3 code locations, which `sam package` substitutes for local paths.
+    tpl["Globals"]["Function"]["CodeUri"] = "s3://code-bucket/functions.zip"
+    for res in tpl["Resources"].values():
+        if res["Type"] == "AWS::Serverless::Function" and "CodeUri" in res.get("Properties", {}):
+            res["Properties"]["CodeUri"] = "s3://code-bucket/functions.zip"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")  # the translator needs a region
+        return transform(tpl, {}, OfflinePolicyLoader())
+
+
+@pytest.fixture(scope="module")
+def sam_template() -> dict[str, Any]:
+    return yaml_parse(TEMPLATE.read_text())
+
+
+@pytest.fixture(scope="module")
+def cfn(sam_template: dict[str, Any]) -> dict[str, Any]:
+    return _sam_transform(sam_template)
+
+
+@pytest.fixture(scope="module")
+def resources(cfn: dict[str, Any]) -> dict[str, Any]:
+    return cfn["Resources"]
+
+
+@pytest.fixture(scope="session")
+def sam_cli() -> Path:
+    if not os.access(SAM, os.X_OK):
+        proc = _run(["bash", INSTALL_SAM], timeout=900)
+        if proc.returncode != 0 or not os.access(SAM, os.X_OK):
+            pytest.fail(
+                f"the SAM CLI is missing at {SAM} and {INSTALL_SAM} could not install it "
+                f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
+    return SAM
+
+
+@pytest.fixture(scope="module")
+def sam_build(sam_cli: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # sam writes build.toml next to the build directory, so nest it in a private tmp dir.
+    build_dir = tmp_path_factory.mktemp("sam") / "build"
+    proc = _run(
+        [sam_cli, "build", "--template-file", TEMPLATE, "--build-dir", build_dir],
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"sam build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return build_dir
+
+
+# --------------------------------------------------------------------------- linters
+
+
+def test_cfn_lint_template_is_clean() -> None:
+    proc = _cfn_lint(TEMPLATE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_cfn_lint_transformed_template_is_clean(cfn: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "transformed.json"
+    out.write_text(json.dumps(cfn, indent=1))
+    proc = _cfn_lint(out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_transform_lint_catches_a_bucket_function_cycle(
+    sam_template: dict[str, Any], tmp_path: Path
+) -> None:
+    """Control for the check above: referencing the bucket resource from the function side
+    closes the bucket -> notification -> function -> bucket loop, and only the lint of the
+    transformed template sees it."""
+    tpl = copy.deepcopy(sam_template)
+    tpl["Globals"]["Function"]["Environment"]["Variables"]["BUCKET"] = {"Ref": "DataBucket"}
+    out = tmp_path / "cyclic.json"
+    out.write_text(json.dumps(_sam_transform(tpl), indent=1))
+    proc = _cfn_lint(out)
+    assert proc.returncode != 0 and "E3004" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_sam_validate_lint_is_clean(sam_cli: Path) -> None:
+    proc = _run([sam_cli, "validate", "--lint", "--template-file", TEMPLATE], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- sam build
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            yield Path(dirpath, name)
+
+
+def _is_optional_import_block(node: ast.AST) -> bool:
+    if isinstance(node, ast.If):
+        return "TYPE_CHECKING" in ast.unparse(node.test)
+    if isinstance(node, ast.Try):
+        return any(
+            h.type is not None and "ImportError" in ast.unparse(h.type) for h in node.handlers
+        )
+    return False
+
+
+def _third_party_imports(package_root: Path) -> dict[str, str]:
+    """Top-level modules imported by the .py files under package_root -> one importing file.
+
+    Imports under `if TYPE_CHECKING:` and in `try:` blocks that handle ImportError are
+    optional and left out."""
+    optional: set[int] = set()
+    found: dict[str, str] = {}
+    for path in sorted(package_root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if _is_optional_import_block(node):
+                for stmt in node.body:  # type: ignore[attr-defined]
+                    optional.update(id(n) for n in ast.walk(stmt))
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names:
+                    found.setdefault(top, str(path.relative_to(package_root.parent)))
+    return found
+
+
+def test_sam_build_packages_core_functions_and_deps(sam_build: Path) -> None:
+    for function, handler in FUNCTIONS.items():
+        art = sam_build / function
+        assert (art / "fedcore" / "__init__.py").is_file(), function
+        assert (art / "functions" / "__init__.py").is_file(), function
+        # The handler the template names exists in the artifact.
+        module, func = handler.rsplit(".", 1)
+        source = art / (module.replace(".", "/") + ".py")
+        assert source.is_file(), f"{function}: {handler} -> {source} missing"
+        defs = {
+            n.name for n in ast.parse(source.read_text()).body if isinstance(n, ast.FunctionDef)
+        }
+        assert func in defs, f"{function}: no def {func} in {source}"
+        # Dependencies, built for the Lambda platform (CPython 3.12 on aarch64, see Makefile).
+        for dep in ("numpy", "safetensors", "cryptography", "aws_lambda_powertools", "pydantic"):
+            assert (art / dep).is_dir(), f"{function}: dependency {dep} missing"
+        natives = [p.name for p in (art / "numpy").rglob("_multiarray_umath*.so")]
+        assert natives and all("cpython-312-aarch64-linux-gnu" in n for n in natives), natives
+        # Never torch (nor the device program, tests or virtualenvs) in a Lambda package.
+        names = {p.name.lower() for p in art.iterdir()}
+        assert not {n for n in names if n.startswith(("torch", "opacus"))}, sorted(names)
+        for unwanted in ("edge_client", "tests", ".venv", ".venv-sam", "infra", "bin"):
+            assert unwanted not in names, f"{function}: {unwanted} packaged"
+        files = list(_walk_files(art))
+        assert not [f for f in files if "__pycache__" in f.parts or f.suffix == ".pyc"]
+        size = sum(f.stat().st_size for f in files)
+        assert size < LAMBDA_UNZIPPED_LIMIT, f"{function}: {size / 2**20:.0f} MiB unzipped"
+
+
+def test_sam_build_artifact_satisfies_every_import(sam_build: Path) -> None:
+    """What fedcore/ and functions/ import is in the package (catches a missing requirement,
+    or torch creeping into the torch-free code)."""
+    art = sam_build / "AggregatorFunction"
+    local = {"fedcore", "functions"}
+    present = {p.name for p in art.iterdir() if p.is_dir()} | {
+        p.name.split(".")[0] for p in art.iterdir() if p.suffix in (".py", ".so")
+    }
+    missing = {}
+    for pkg in sorted(local):
+        for mod, where in _third_party_imports(art / pkg).items():
+            if mod not in local and mod not in present:
+                missing[mod] = where
+    assert not missing, f"imported but not packaged (add to infra/sam/requirements.txt): {missing}"
+
+
+def test_sam_built_template_points_at_artifacts(sam_build: Path) -> None:
+    built = yaml_parse((sam_build / "template.yaml").read_text())
+    for function in FUNCTIONS:
+        assert built["Resources"][function]["Properties"]["CodeUri"] == function
+
+
+# --------------------------------------------------------------------------- consistency
+
+
+def test_makefile_targets_match_template_platform(sam_template: dict[str, Any]) -> None:
+    text = MAKEFILE.read_text()
+    glob = sam_template["Globals"]["Function"]
+    arch = re.search(r"^LAMBDA_ARCH \?= (\S+)", text, re.M)
+    pyver = re.search(r"^LAMBDA_PYTHON_VERSION \?= (\S+)", text, re.M)
+    assert arch and pyver
+    assert glob["Architectures"] == [{"aarch64": "arm64", "x86_64": "x86_64"}[arch.group(1)]]
+    assert glob["Runtime"] == f"python{pyver.group(1)}"
+    for function in FUNCTIONS:
+        res = sam_template["Resources"][function]
+        assert res["Metadata"]["BuildMethod"] == "makefile"
+        assert f"build-{function}:" in text
+
+
+def _req_name(line: str) -> str:
+    return re.split(r"[\[<>=!~;\s]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_lambda_requirements_cover_core_dependencies() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    core = {_req_name(d) for d in pyproject["project"]["dependencies"]}
+    lines = [ln for ln in REQUIREMENTS.read_text().splitlines() if ln.strip() and ln[0] != "#"]
+    packaged = {_req_name(ln) for ln in lines}
+    assert core <= packaged, f"missing from {REQUIREMENTS.name}: {sorted(core - packaged)}"
+    assert not {n for n in packaged if n.startswith(("torch", "opacus"))}
+    assert any(ln.startswith("aws-lambda-powertools[parser]") for ln in lines)
+
+
+def test_env_vars_the_template_sets_are_read_by_the_code(sam_template: dict[str, Any]) -> None:
+    variables = dict(sam_template["Globals"]["Function"]["Environment"]["Variables"])
+    for function in FUNCTIONS:
+        props = sam_template["Resources"][function]["Properties"]
+        variables.update(props.get("Environment", {}).get("Variables", {}))
+    assert set(variables) >= REQUIRED_ENV
+    code = "\n".join(
+        p.read_text() for d in ("fedcore", "functions") for p in (REPO / d).rglob("*.py")
+    )
+    unread = [
+        v
+        for v in variables
+        if not v.startswith("POWERTOOLS_") and f'"{v}"' not in code and f"'{v}'" not in code
+    ]
+    assert not unread, f"the template sets variables no code reads: {unread}"
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def _of_type(resources: dict[str, Any], type_: str) -> dict[str, Any]:
+    return {k: v for k, v in resources.items() if v["Type"] == type_}
+
+
+def _iam_documents(resources: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for name, res in resources.items():
+        props = res.get("Properties", {})
+        if res["Type"] == "AWS::IAM::Role":
+            for pol in props.get("Policies", []):
+                yield name, pol["PolicyDocument"]
+        elif res["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"):
+            yield name, props["PolicyDocument"]
+
+
+def _as_list(x: Any) -> list[Any]:
+    return x if isinstance(x, list) else [x]
+
+
+def _sub_text(value: Any) -> str:
+    """The literal text of a !Sub (string or [string, vars]); other values as JSON."""
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        sub = value["Fn::Sub"]
+        return sub[0] if isinstance(sub, list) else sub
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _statements(resources: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for _, doc in _iam_documents(resources) for s in _as_list(doc["Statement"])]
+
+
+def test_iam_has_no_wildcard_resources_or_actions(resources: dict[str, Any]) -> None:
+    statements = _statements(resources)
+    assert statements
+    for st in statements:
+        assert "NotResource" not in st and "NotAction" not in st, st
+        for r in _as_list(st["Resource"]):
+            text = _sub_text(r)
+            assert r != "*" and not re.fullmatch(r"arn:[^:]*:[^:]*:[^:]*:[^:]*:\*", text), st
+            assert not text.endswith(":::*"), st
+        for a in _as_list(st["Action"]):
+            assert a != "*" and not a.endswith(":*"), st
+
+
+def test_function_roles_attach_no_aws_managed_policies(resources: dict[str, Any]) -> None:
+    """SAM's default role would attach AWSLambdaBasicExecutionRole (logs:* on "*")."""
+    roles = set()
+    for function in FUNCTIONS:
+        role = resources[function]["Properties"]["Role"]
+        assert role == {"Fn::GetAtt": [role["Fn::GetAtt"][0], "Arn"]}
+        roles.add(role["Fn::GetAtt"][0])
+    for role in roles:
+        for arn in resources[role]["Properties"].get("ManagedPolicyArns", []):
+            assert isinstance(arn, dict) and "Ref" in arn, f"{role} attaches {arn}"
+            assert resources[arn["Ref"]]["Type"] == "AWS::IAM::ManagedPolicy"
+
+
+def _s3_grants(resources: dict[str, Any]) -> dict[str, set[str]]:
+    """s3 action -> object-key patterns (or '<bucket>') it is allowed on."""
+    grants: dict[str, set[str]] = {}
+    for st in _statements(resources):
+        if st["Effect"] != "Allow":
+            continue
+        for action in _as_list(st["Action"]):
+            if not action.startswith("s3:"):
+                continue
+            for r in _as_list(st["Resource"]):
+                text = _sub_text(r)
+                m = re.fullmatch(r"arn:\$\{AWS::Partition\}:s3:::([^/]+)(?:/(.*))?", text)
+                assert m, f"S3 resource not built from the bucket name: {text}"
+                assert m.group(1) == BUCKET_NAME_SUB, text
+                grants.setdefault(action, set()).add(m.group(2) or "<bucket>")
+    return grants
+
+
+def test_s3_permissions_are_scoped_to_protocol_prefixes(resources: dict[str, Any]) -> None:
+    grants = _s3_grants(resources)
+    assert grants == {
+        "s3:ListBucket": {"<bucket>"},
+        "s3:GetObject": {"checkins/*", "cohorts/*", "global/*", "clients/*"},
+        "s3:PutObject": {"cohorts/*/config.json", "cohorts/*/state/*", "global/*"},
+        "s3:DeleteObject": {"checkins/*"},
+    }
+
+
+def test_bucket_name_is_explicit_and_shared_with_the_functions(resources: dict[str, Any]) -> None:
+    bucket = resources["DataBucket"]["Properties"]
+    name = bucket["BucketName"]
+    assert _sub_text(name) == BUCKET_NAME_SUB
+    for function in FUNCTIONS:
+        env = resources[function]["Properties"]["Environment"]["Variables"]
+        assert env["BUCKET"] == name, f"{function} BUCKET differs from the bucket's name"
+        assert env["POWERTOOLS_METRICS_NAMESPACE"] == "SecureFL"
+        assert set(env) >= REQUIRED_ENV
+
+
+def test_bucket_is_hardened(resources: dict[str, Any]) -> None:
+    props = resources["DataBucket"]["Properties"]
+    sse = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert sse[0]["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in ("AES256", "aws:kms")
+    pab = props["PublicAccessBlockConfiguration"]
+    assert {
+        k: pab.get(k)
+        for k in (
+            "BlockPublicAcls",
+            "BlockPublicPolicy",
+            "IgnorePublicAcls",
+            "RestrictPublicBuckets",
+        )
+    } == dict.fromkeys(
+        ("BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"),
+        True,
+    )
+    assert props["VersioningConfiguration"]["Status"] == "Enabled"
+    assert props["OwnershipControls"]["Rules"] == [{"ObjectOwnership": "BucketOwnerEnforced"}]
+    expiring = {
+        r.get("Prefix")
+        for r in props["LifecycleConfiguration"]["Rules"]
+        if r["Status"] == "Enabled" and "ExpirationInDays" in r
+    }
+    assert {"checkins/", "cohorts/"} <= expiring
+    assert "global/" not in expiring and None not in expiring
+
+
+def test_bucket_policy_denies_insecure_transport(resources: dict[str, Any]) -> None:
+    policies = [
+        p["Properties"]
+        for p in _of_type(resources, "AWS::S3::BucketPolicy").values()
+        if p["Properties"]["Bucket"] == {"Ref": "DataBucket"}
+    ]
+    assert len(policies) == 1
+    denies = [
+        st
+        for st in _as_list(policies[0]["PolicyDocument"]["Statement"])
+        if st["Effect"] == "Deny"
+        and st["Principal"] == "*"
+        and st.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport") in ("false", False)
+    ]
+    assert denies, "no Deny on aws:SecureTransport=false"
+    covered = {_sub_text(r) for st in denies for r in _as_list(st["Resource"])}
+    assert '{"Fn::GetAtt": ["DataBucket", "Arn"]}' in covered  # the bucket
+    assert "${DataBucket.Arn}/*" in covered  # and its objects
+
+
+def test_aggregator_is_triggered_by_checkins_and_cohorts_only(resources: dict[str, Any]) -> None:
+    configs = resources["DataBucket"]["Properties"]["NotificationConfiguration"][
+        "LambdaConfigurations"
+    ]
+    filters = set()
+    for c in configs:
+        assert c["Function"] == {"Fn::GetAtt": ["AggregatorFunction", "Arn"]}
+        assert c["Event"] == "s3:ObjectCreated:*"
+        rules = {r["Name"].lower(): r["Value"] for r in c["Filter"]["S3Key"]["Rules"]}
+        filters.add((rules.get("prefix"), rules.get("suffix")))
+    assert filters == {
+        ("checkins/", ".json"),
+        ("cohorts/", ".json"),
+        ("cohorts/", ".safetensors"),
+    }
+    perms = [
+        p["Properties"]
+        for p in _of_type(resources, "AWS::Lambda::Permission").values()
+        if p["Properties"]["Principal"] == "s3.amazonaws.com"
+    ]
+    assert perms and all(p["FunctionName"] == {"Ref": "AggregatorFunction"} for p in perms)
+
+
+def test_sweeper_runs_on_a_schedule(cfn: dict[str, Any], resources: dict[str, Any]) -> None:
+    rules = [
+        r["Properties"]
+        for r in _of_type(resources, "AWS::Events::Rule").values()
+        if any(
+            t["Arn"] == {"Fn::GetAtt": ["SweeperFunction", "Arn"]}
+            for t in r["Properties"]["Targets"]
+        )
+    ]
+    assert len(rules) == 1
+    assert rules[0]["ScheduleExpression"] == {"Ref": "SweepSchedule"}
+    assert cfn["Parameters"]["SweepSchedule"]["Default"] == "rate(1 minute)"
+
+
+def test_failed_async_invocations_go_to_the_dlq(resources: dict[str, Any]) -> None:
+    dlqs = _of_type(resources, "AWS::SQS::Queue")
+    assert len(dlqs) == 1
+    (dlq,) = dlqs
+    configs = {
+        c["Properties"]["FunctionName"]["Ref"]: c["Properties"]
+        for c in _of_type(resources, "AWS::Lambda::EventInvokeConfig").values()
+    }
+    assert set(configs) == set(FUNCTIONS)
+    for props in configs.values():
+        assert props["MaximumRetryAttempts"] == 2
+        dest = props["DestinationConfig"]["OnFailure"]["Destination"]
+        assert dest == {"Fn::GetAtt": [dlq, "Arn"]}
+    # The execution role may send there (async destinations use the function's role).
+    sends = [
+        st
+        for st in _statements(resources)
+        if "sqs:SendMessage" in _as_list(st["Action"])
+        and {"Fn::GetAtt": [dlq, "Arn"]} in _as_list(st["Resource"])
+    ]
+    assert sends
+
+
+def test_alarms_watch_the_dlq_and_function_errors(resources: dict[str, Any]) -> None:
+    alarms = [a["Properties"] for a in _of_type(resources, "AWS::CloudWatch::Alarm").values()]
+    (dlq,) = _of_type(resources, "AWS::SQS::Queue")
+
+    def watched(namespace: str, metric: str) -> list[Any]:
+        out = []
+        for a in alarms:
+            if a["Namespace"] == namespace and a["MetricName"] == metric:
+                assert a["ComparisonOperator"] == "GreaterThanThreshold" and a["Threshold"] == 0
+                assert a.get("AlarmActions"), f"{metric} alarm notifies nobody"
+                out.extend(d["Value"] for d in a["Dimensions"])
+        return out
+
+    assert {"Fn::GetAtt": [dlq, "QueueName"]} in watched(
+        "AWS/SQS", "ApproximateNumberOfMessagesVisible"
+    )
+    errors = watched("AWS/Lambda", "Errors")
+    for function in FUNCTIONS:
+        assert {"Ref": function} in errors
+
+
+def test_function_runtime_and_handlers(resources: dict[str, Any]) -> None:
+    for function, handler in FUNCTIONS.items():
+        props = resources[function]["Properties"]
+        assert props["Runtime"] == "python3.12"
+        assert props["Handler"] == handler
+
+
+def test_outputs(cfn: dict[str, Any]) -> None:
+    assert {
+        "BucketName",
+        "AggregatorFunctionArn",
+        "SweeperFunctionArn",
+        "DeadLetterQueueUrl",
+    } <= set(cfn["Outputs"])
