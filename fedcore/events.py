@@ -62,8 +62,10 @@ def parse_records(event: Any) -> Iterator[ObjectCreated | ValueError]:
                 event_name=name,
                 sequencer=str(obj.get("sequencer", "")),
             )
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            yield ValueError(f"record {i}: malformed: {exc!r}")
+        except ValueError as exc:
+            yield exc
+        except (KeyError, TypeError, AttributeError) as exc:
+            yield ValueError(f"record {i}: malformed: missing or wrong-typed field {exc!r}")
 
 
 def build_record(

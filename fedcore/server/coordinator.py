@@ -47,7 +47,7 @@ from fedcore.server.aggregate import weighted_mean
 from fedcore.server.apply import apply_cohort, find_applied
 from fedcore.server.settings import ServerSettings
 from fedcore.storage import ObjectInfo, ObjectStore
-from fedcore.versions import find_head, read_meta, read_schema
+from fedcore.versions import advance_pointer, find_head, read_meta, read_schema
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +340,7 @@ class Coordinator:
         done = find_applied(self.store, cid, cfg.base_version)
         if done is not None:  # a crash or a duplicate came between the commit and the result
             log.info("cohort already applied", extra={"cohort_id": cid, "version": done})
+            advance_pointer(self.store, done)
             members = read_meta(self.store, done).members
             self._record(Result(cid, "applied", done, "", members, {}, self.clock()), cfg)
             return "noop"
@@ -440,6 +441,7 @@ class Coordinator:
         """Close overdue phases, redo stuck finalizations, form partial cohorts, expire check-ins."""
         now = self.clock()
         counts = {"closed": 0, "finalized": 0, "formed": 0, "expired": 0}
+        advance_pointer(self.store, find_head(self.store))  # a lagging pointer after a crash
         for cid in self.open_cohorts():
             try:
                 cfg = self.config(cid)

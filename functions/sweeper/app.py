@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.runtime import coordinator
@@ -14,9 +16,15 @@ from functions.runtime import coordinator
 logger = Logger(service="fl-sweeper")
 metrics = Metrics(namespace="SecureFL", service="fl-sweeper")
 copy_config_to_registered_loggers(source_logger=logger, include={"fedcore"})
+# Most invocations (a check-in that forms nothing, a quiet sweep) have no metric to emit.
+warnings.filterwarnings("ignore", message="No application metrics to publish")
 
 
 def _metric(name: str, value: float, unit: str) -> None:
+    # Powertools never clears metrics while disabled, so a long-lived local stack
+    # would grow without bound: do not record them at all then.
+    if is_metrics_disabled():
+        return
     metrics.add_metric(name=name, unit=getattr(MetricUnit, unit, MetricUnit.Count), value=value)
 
 

@@ -1,0 +1,79 @@
+"""Test helpers: synthetic devices that speak the protocol without torch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from fedcore import layout
+from fedcore.codec import ModelMeta
+from fedcore.messages import CohortConfig
+from fedcore.modelspec import SIMPLE_CNN
+from fedcore.participant import Participant
+from fedcore.storage import S3Store
+from fedcore.versions import find_head, read_meta
+
+TINY = {"w": (6, 5), "b": (5,)}
+
+
+def delta_for(
+    client: str, spec: dict[str, tuple[int, ...]] = TINY, scale: float = 0.01
+) -> dict[str, np.ndarray]:
+    """A deterministic per-client update, so expected means can be computed."""
+    rng = np.random.default_rng(abs(hash(client)) % 2**32)
+    return {k: (scale * rng.normal(size=s)).astype(np.float32) for k, s in spec.items()}
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def join_all(store: S3Store, clients: list[str], last_version: int = 0) -> dict[str, CohortConfig]:
+    """Check every client in, then wait until each has found its cohort."""
+    parts = {c: Participant(store, c) for c in clients}
+    tickets = {c: p.check_in(last_version) for c, p in parts.items()}
+    out = {}
+    for c, p in parts.items():
+        cfg = p.wait_for_cohort(tickets[c], timeout_s=30, poll_s=0.05)
+        assert cfg is not None, f"{c} found no cohort"
+        out[c] = cfg
+    return out
+
+
+def chain(store: S3Store) -> list[ModelMeta]:
+    return [read_meta(store, v) for v in range(find_head(store) + 1)]
+
+
+def assert_consistent(store: S3Store, expect_cohorts: set[str] | None = None) -> list[ModelMeta]:
+    """One linear version chain; every cohort applied at most once; results agree."""
+    metas = chain(store)
+    for v, m in enumerate(metas):
+        assert m.version == v
+        assert m.parent == (v - 1 if v else None), f"v{v} parent {m.parent}"
+    applied = [c for m in metas for c in m.cohorts]
+    assert len(applied) == len(set(applied)), f"cohort applied twice: {applied}"
+    if expect_cohorts is not None:
+        assert set(applied) == expect_cohorts
+    for m in metas[1:]:
+        for c in m.cohorts:
+            obj = store.get(layout.state_key(c, layout.Phase.RESULT))
+            assert b'"applied"' in obj.body and f'"version":{m.version}'.encode() in obj.body
+    return metas
+
+
+__all__ = [
+    "SIMPLE_CNN",
+    "TINY",
+    "assert_consistent",
+    "chain",
+    "delta_for",
+    "join_all",
+    "wait_until",
+]
