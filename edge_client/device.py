@@ -21,7 +21,9 @@ import torch
 from edge_client.model import build, to_numpy
 from edge_client.train import TrainSettings, train_local
 from fedcore.errors import NotFoundError, StorageError
+from fedcore.messages import CohortConfig
 from fedcore.participant import Participant
+from fedcore.secure_round import run_secure_cohort
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Device:
         self.stop = stop or threading.Event()
         self.rounds = 0
         self._last_base = -1
+        self._loss = float("nan")
 
     def _sleep(self, delay: float) -> None:
         self.stop.wait(
@@ -117,21 +120,39 @@ class Device:
         if cfg is None:
             return not self.stop.is_set()
         self.log(
-            f"joined {cfg.cohort_id} ({len(cfg.members)} members, base version {cfg.base_version})"
+            f"joined {cfg.cohort_id} ({len(cfg.members)} members, base version {cfg.base_version}, {cfg.mode})"
         )
+        if cfg.mode != self.p.mode:
+            self.log(
+                f"refusing {cfg.cohort_id}: it runs {cfg.mode!r} but this device runs {self.p.mode!r}"
+            )
+            self._last_base = cfg.base_version
+            return True
+        if cfg.mode == "secagg":
+            drop = self.loop.drop_at if random.random() < self.loop.drop_prob else None
+            outcome = run_secure_cohort(
+                self.p, cfg, lambda: self._train(cfg), drop_at=drop, poll_s=self.loop.poll_s / 2,
+                should_stop=self.stop.is_set, say=self.log,
+            )  # fmt: skip
+            self.log(f"{cfg.cohort_id}: {outcome}")
+        else:
+            delta, n = self._train(cfg)
+            self.p.upload_plain(cfg, delta, num_samples=n, loss=self._loss)
+            self.log(f"uploaded update to {cfg.cohort_id} (plaintext)")
+        self._last_base = cfg.base_version
+        self.rounds += 1
+        return not (self.loop.max_rounds and self.rounds >= self.loop.max_rounds)
+
+    def _train(self, cfg: CohortConfig) -> tuple[dict[str, np.ndarray], int]:
         base = self.p.fetch_model(cfg.base_version)
         model = build(base)
         t0 = time.monotonic()
         result = train_local(model, self.x, self.y, self.train, progress=self.log)
-        delta = {k: v - base[k] for k, v in to_numpy(model).items()}
-        self.p.upload_plain(cfg, delta, num_samples=result.num_samples, loss=result.loss)
+        self._loss = result.loss
         self.log(
-            f"uploaded update to {cfg.cohort_id}: {result.num_samples} samples, "
-            f"loss {result.loss:.4f}, trained in {time.monotonic() - t0:.1f}s"
+            f"trained {result.num_samples} samples in {time.monotonic() - t0:.1f}s, loss {result.loss:.4f}"
         )
-        self._last_base = cfg.base_version
-        self.rounds += 1
-        return not (self.loop.max_rounds and self.rounds >= self.loop.max_rounds)
+        return {k: v - base[k] for k, v in to_numpy(model).items()}, result.num_samples
 
     def run(self) -> int:
         torch.manual_seed(self.train.seed)

@@ -49,6 +49,7 @@ class Kind(StrEnum):
     PLAIN = "plain"
     UNMASK = "unmask"
     STATE = "state"
+    SUM = "sum"  # the masked sum of a cohort's inputs (reveals nothing without the unmask round)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,13 @@ def state_key(cid: str, phase: Phase) -> str:
     return f"{cohort_prefix(cid)}state/{phase.value}.json"
 
 
+def sum_key(cid: str, digest: str) -> str:
+    """Where a masked sum lives; ``digest`` names the member set it sums."""
+    if not re.fullmatch(r"[0-9a-f]{16}", digest):
+        raise ValueError("sum digest must be 16 hex digits")
+    return f"{cohort_prefix(cid)}state/sum-{digest}.safetensors"
+
+
 _MEMBER_KINDS = {
     Kind.KEYS: ".json",
     Kind.SHARES: ".json",
@@ -144,6 +152,7 @@ _PATTERNS: list[tuple[re.Pattern[str], Kind]] = [
         re.compile(r"^cohorts/(?P<cohort>c\d{8})/state/(?P<phase>[a-z]+)\.json$"),
         Kind.STATE,
     ),
+    (re.compile(r"^cohorts/(?P<cohort>c\d{8})/state/sum-[0-9a-f]{16}\.safetensors$"), Kind.SUM),
 ] + [
     (
         re.compile(

@@ -16,7 +16,7 @@ from fedcore.errors import IntegrityError
 from fedcore.layout import Phase, check_id, cohort_seq
 
 MAX_MESSAGE_BYTES = 1 << 20
-MODES = ("plaintext",)  # "secagg" joins in the secure-aggregation issue
+MODES = ("secagg", "plaintext")  # plaintext: explicit debugging/measurement mode, never a fallback
 
 T = TypeVar("T")
 
@@ -66,8 +66,9 @@ class CheckIn:
     client_id: str
     nonce: str
     created_at: float
-    mode: str = "plaintext"
+    mode: str = "secagg"
     last_version: int = -1
+    signature: str = ""  # Ed25519 over the rest (required in secagg mode)
 
 
 def parse_checkin(blob: bytes, *, where: str) -> CheckIn:
@@ -79,6 +80,7 @@ def parse_checkin(blob: bytes, *, where: str) -> CheckIn:
             created_at=float(_req(doc, "created_at", (int, float), where)),
             mode=_req(doc, "mode", str, where),
             last_version=_req(doc, "last_version", int, where),
+            signature=str(doc.get("signature", "")),
         )
     except ValueError as exc:
         raise IntegrityError(f"{where}: {exc}") from None
@@ -93,8 +95,9 @@ class CohortConfig:
 
     ``members`` maps client id -> the nonce of the check-in it was formed from,
     so that a check-in is "taken" exactly when some open cohort names it.
-    ``deadlines`` maps a phase name to a Unix time after which the sweeper
-    closes that phase with whoever has written.
+    ``phase_s`` maps a phase name to its time limit in seconds, counted from
+    the close of the previous phase (or from ``created_at`` for the first):
+    the sweeper then closes the phase with whoever has written.
     """
 
     cohort_id: str
@@ -103,7 +106,7 @@ class CohortConfig:
     mode: str
     min_members: int
     created_at: float
-    deadlines: dict[str, float]
+    phase_s: dict[str, float]
     server_lr: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -119,10 +122,10 @@ def parse_config(blob: bytes, *, where: str) -> CohortConfig:
             check_id(nonce, "nonce")
     except (ValueError, TypeError) as exc:
         raise IntegrityError(f"{where}: {exc}") from None
-    deadlines = _req(doc, "deadlines", dict, where)
-    for phase, t in deadlines.items():
-        if phase not in {p.value for p in Phase} or not isinstance(t, (int, float)):
-            raise IntegrityError(f"{where}: bad deadline {phase!r}: {t!r}")
+    phase_s = _req(doc, "phase_s", dict, where)
+    for phase, t in phase_s.items():
+        if phase not in {p.value for p in Phase} or not isinstance(t, (int, float)) or t <= 0:
+            raise IntegrityError(f"{where}: bad phase time limit {phase!r}: {t!r}")
     cfg = CohortConfig(
         cohort_id=cid,
         base_version=_req(doc, "base_version", int, where),
@@ -130,7 +133,7 @@ def parse_config(blob: bytes, *, where: str) -> CohortConfig:
         mode=_req(doc, "mode", str, where),
         min_members=_req(doc, "min_members", int, where),
         created_at=float(_req(doc, "created_at", (int, float), where)),
-        deadlines={k: float(v) for k, v in deadlines.items()},
+        phase_s={k: float(v) for k, v in phase_s.items()},
         server_lr=float(_req(doc, "server_lr", (int, float), where)),
         params=dict(doc.get("params") or {}),
     )
@@ -153,6 +156,7 @@ class Manifest:
     etags: dict[str, str]
     closed_by: str  # "all-members" or "deadline"
     closed_at: float
+    sum_key: str = ""  # secagg input phase: the masked sum of exactly these members
 
 
 def parse_manifest(blob: bytes, *, where: str) -> Manifest:
@@ -165,6 +169,7 @@ def parse_manifest(blob: bytes, *, where: str) -> Manifest:
         etags={str(k): str(v) for k, v in etags.items()},
         closed_by=_req(doc, "closed_by", str, where),
         closed_at=float(_req(doc, "closed_at", (int, float), where)),
+        sum_key=str(doc.get("sum_key", "")),
     )
 
 

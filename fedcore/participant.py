@@ -12,15 +12,16 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from fedcore import layout
 from fedcore.codec import UpdateMeta, encode_update
-from fedcore.errors import IntegrityError, NotFoundError, NotModifiedError
+from fedcore.errors import AlreadyExistsError, IntegrityError, NotFoundError, NotModifiedError
 from fedcore.layout import Kind, Phase
 from fedcore.messages import (
+    MODES,
     CheckIn,
     CohortConfig,
     Pointer,
@@ -30,6 +31,8 @@ from fedcore.messages import (
     parse_pointer,
     parse_result,
 )
+from fedcore.secagg import crypto
+from fedcore.secagg.protocol import DOMAIN_CHECKIN, encode_identity, parse_identity
 from fedcore.storage import ObjectStore
 from fedcore.versions import load_model
 
@@ -47,12 +50,58 @@ class Ticket:
 
 
 class Participant:
-    def __init__(self, store: ObjectStore, client_id: str, *, mode: str = "plaintext") -> None:
+    """One device's view of the bucket.
+
+    ``signing_key`` is the device's long-term Ed25519 private key (raw 32
+    bytes); secure aggregation needs it to sign everything the device
+    publishes. ``mode`` must match the server's: a device never falls back
+    from secure aggregation to plaintext.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        client_id: str,
+        *,
+        mode: str = "secagg",
+        signing_key: bytes | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        if mode == "secagg" and signing_key is None:
+            raise ValueError("secure aggregation needs the device's Ed25519 signing key")
         self.store = store
         self.client_id = layout.check_id(client_id, "client id")
         self.mode = mode
+        self.signing_key = signing_key
         self._pointer_etag: str | None = None
         self._pointer: Pointer | None = None
+
+    # -- enrollment ----------------------------------------------------------
+    def enroll(self) -> bool:
+        """Publish this device's public key (write-once); True if this call enrolled it.
+
+        An existing identity with a different key means another device claims
+        this id: refuse rather than sign with a key nobody will accept.
+        """
+        if self.signing_key is None:
+            raise ValueError("no signing key to enroll")
+        public = crypto.ed25519_public(self.signing_key)
+        key = layout.identity_key(self.client_id)
+        try:
+            self.store.put_new(
+                key,
+                encode_identity(self.client_id, public, time.time()),
+                content_type="application/json",
+            )
+            return True
+        except AlreadyExistsError:
+            existing = parse_identity(self.store.get(key).body, client_id=self.client_id, where=key)
+            if existing.ed25519 != public:
+                raise IntegrityError(
+                    f"{key}: enrolled with a different key; is another device using id {self.client_id!r}?"
+                ) from None
+            return False
 
     # -- polling the global model -----------------------------------------
     def poll_latest(self) -> tuple[Pointer, bool]:
@@ -79,6 +128,9 @@ class Participant:
         nonce = secrets.token_hex(8)
         key = layout.checkin_key(self.client_id, nonce)
         msg = CheckIn(self.client_id, nonce, time.time(), self.mode, last_version)
+        if self.signing_key is not None:
+            doc = {k: v for k, v in asdict(msg).items() if k != "signature"}
+            msg = replace(msg, signature=crypto.sign(self.signing_key, DOMAIN_CHECKIN, doc))
         self.store.put_new(key, dumps(msg), content_type="application/json")
         log.info("checked in", extra={"client_id": self.client_id, "key": key})
         return Ticket(nonce, key, cursor, msg.created_at)

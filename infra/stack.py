@@ -38,6 +38,10 @@ SETTING_ENV = {
     "server_lr": "SERVER_LR",
     "staleness_weight": "STALENESS_WEIGHT",
     "mode": "AGGREGATION_MODE",
+    "short_round_s": "SHORT_ROUND_S",
+    "secagg_clip": "SECAGG_CLIP",
+    "secagg_degree": "SECAGG_DEGREE",
+    "secagg_weight_cap": "SECAGG_WEIGHT_CAP",
 }
 
 
@@ -108,8 +112,11 @@ class LocalStack:
         os.environ["BUCKET"] = self.bucket
         os.environ["S3_ENDPOINT_URL"] = self.endpoint_url
         os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
-        for name, value in self.settings.items():
-            os.environ[SETTING_ENV[name]] = str(value)
+        for name, env in SETTING_ENV.items():  # unset ones fall back to the code's defaults
+            if name in self.settings:
+                os.environ[env] = str(self.settings[name])
+            else:
+                os.environ.pop(env, None)
         # Import after the environment is set: the handlers read it per invocation.
         from functions.aggregator.app import handler as aggregate
         from functions.sweeper.app import handler as sweep

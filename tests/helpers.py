@@ -12,6 +12,7 @@ from fedcore.codec import ModelMeta
 from fedcore.messages import CohortConfig
 from fedcore.modelspec import SIMPLE_CNN
 from fedcore.participant import Participant
+from fedcore.secagg import crypto
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, read_meta
 
@@ -35,9 +36,24 @@ def wait_until(cond: Callable[[], bool], timeout_s: float = 30.0, what: str = "c
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def join_all(store: S3Store, clients: list[str], last_version: int = 0) -> dict[str, CohortConfig]:
+_SIGNING_KEYS: dict[str, bytes] = {}
+
+
+def participant(store: S3Store, client: str, mode: str = "plaintext") -> Participant:
+    """A device; in secagg mode with a per-client signing key, enrolled in this bucket."""
+    if mode == "plaintext":
+        return Participant(store, client, mode=mode)
+    key = _SIGNING_KEYS.setdefault(client, crypto.ed25519_keypair()[0])
+    p = Participant(store, client, mode=mode, signing_key=key)
+    p.enroll()
+    return p
+
+
+def join_all(
+    store: S3Store, clients: list[str], last_version: int = 0, mode: str = "plaintext"
+) -> dict[str, CohortConfig]:
     """Check every client in, then wait until each has found its cohort."""
-    parts = {c: Participant(store, c) for c in clients}
+    parts = {c: participant(store, c, mode) for c in clients}
     tickets = {c: p.check_in(last_version) for c, p in parts.items()}
     out = {}
     for c, p in parts.items():

@@ -4,15 +4,17 @@ Stateless by design: every decision is re-derived from the bucket, and every
 step ends in one write-once object, so a duplicated, reordered or retried
 event repeats a step harmlessly:
 
-    check-in  --(K waiting)-->  config.json            (formation, write-once)
-    upload    --(all in)----->  state/inputs.json      (phase close, write-once)
-    inputs    --------------->  global/v{N+1} + latest (apply; the version is the commit)
-                                state/result.json      (record; written after the commit)
+    check-ins --(K waiting)--> config.json                (formation)
+    member objects of a phase --(all in, or deadline)--> state/{phase}.json
+        secagg phases: keys (U1) -> shares (U2) -> inputs (U3, + masked sum) -> unmask (U4)
+        plaintext:     inputs
+    last phase closed --> global/v{N+1} + latest.json     (apply; the version is the commit)
+                          state/result.json               (record; written after the commit)
 
-The sweeper calls ``sweep`` on a timer to close phases whose deadline passed,
-form partial cohorts and redo finalizations a crash interrupted.
-Caches hold only immutable facts (configs, closed cohorts), so a warm Lambda
-container never acts on stale state.
+The sweeper calls ``sweep`` on a timer to close phases past their time limit,
+form partial cohorts and redo finalizations a crash interrupted. Caches hold
+only immutable facts (write-once configs, identities, messages by ETag,
+closed cohorts), so a warm Lambda container never acts on stale state.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from fedcore import layout
 from fedcore.codec import UpdateMeta
@@ -43,6 +46,16 @@ from fedcore.messages import (
     parse_manifest,
     parse_result,
 )
+from fedcore.secagg import crypto
+from fedcore.secagg.protocol import (
+    DOMAIN_CHECKIN,
+    SecAggParams,
+    parse_identity,
+    parse_keys,
+    parse_shares,
+    parse_unmask,
+)
+from fedcore.server import secure
 from fedcore.server.aggregate import weighted_mean
 from fedcore.server.apply import apply_cohort, find_applied
 from fedcore.server.settings import ServerSettings
@@ -52,6 +65,25 @@ from fedcore.versions import advance_pointer, find_head, read_meta, read_schema
 log = logging.getLogger(__name__)
 
 MetricSink = Callable[[str, float, str], None]
+
+PHASES: dict[str, tuple[Phase, ...]] = {
+    "plaintext": (Phase.INPUTS,),
+    "secagg": (Phase.KEYS, Phase.SHARES, Phase.INPUTS, Phase.UNMASK),
+}
+
+
+def phase_kind(phase: Phase, mode: str) -> Kind:
+    """The per-member object kind that a phase collects."""
+    if phase is Phase.INPUTS:
+        return Kind.PLAIN if mode == "plaintext" else Kind.MASKED
+    return {Phase.KEYS: Kind.KEYS, Phase.SHARES: Kind.SHARES, Phase.UNMASK: Kind.UNMASK}[phase]
+
+
+def kind_phase(kind: Kind, mode: str) -> Phase | None:
+    for phase in PHASES[mode]:
+        if phase_kind(phase, mode) is kind:
+            return phase
+    return None
 
 
 def _no_metrics(name: str, value: float, unit: str) -> None:
@@ -80,6 +112,8 @@ class Coordinator:
         self.metric = metric
         self.clock = clock
         self._configs: dict[str, CohortConfig] = {}
+        self._identities: dict[str, bytes] = {}
+        self._messages: dict[tuple[str, str], Any] = {}
         self._closed: set[str] = set()
 
     # -- routing -----------------------------------------------------------
@@ -92,22 +126,48 @@ class Coordinator:
             return "ignored"
         if parsed.kind is Kind.CHECKIN:
             return "formed" if self.form_cohorts() else "waiting"
-        if parsed.kind is Kind.PLAIN:
-            assert parsed.cohort_id and parsed.client_id
-            return self.on_update(parsed.cohort_id, parsed.client_id)
-        if parsed.kind is Kind.STATE and parsed.phase is Phase.INPUTS:
-            assert parsed.cohort_id
-            return self.finalize(parsed.cohort_id)
+        if parsed.cohort_id is None:
+            return "noop"
+        cid = parsed.cohort_id
+        if parsed.kind in (Kind.KEYS, Kind.SHARES, Kind.PLAIN, Kind.MASKED, Kind.UNMASK):
+            assert parsed.client_id is not None
+            return self.on_member_object(cid, parsed.kind, parsed.client_id)
+        if parsed.kind is Kind.STATE and parsed.phase not in (None, Phase.RESULT):
+            try:
+                cfg = self.config(cid)
+            except (NotFoundError, IntegrityError):
+                return "noop"
+            if parsed.phase is PHASES[cfg.mode][-1]:
+                return self.finalize(cid)
         return "noop"
 
     # -- reads with immutable caches --------------------------------------
     def config(self, cid: str) -> CohortConfig:
         if cid not in self._configs:
             key = layout.config_key(cid)
-            self._configs[cid] = parse_config(self.store.get(key).body, where=key)
+            cfg = parse_config(self.store.get(key).body, where=key)
+            if cfg.mode == "secagg":
+                SecAggParams.from_dict(cfg.params.get("secagg"), where=key).validate(
+                    len(cfg.members), where=key
+                )
+            self._configs[cid] = cfg
         return self._configs[cid]
 
-    def _manifest(self, cid: str, phase: Phase) -> Manifest | None:
+    def secagg_params(self, cfg: CohortConfig) -> SecAggParams:
+        return SecAggParams.from_dict(cfg.params["secagg"], where=cfg.cohort_id)
+
+    def identity(self, client: str) -> bytes:
+        """A member's enrolled Ed25519 public key (``clients/{id}/identity.json``, write-once)."""
+        if client not in self._identities:
+            key = layout.identity_key(client)
+            try:
+                blob = self.store.get(key).body
+            except NotFoundError:
+                raise IntegrityError(f"{key}: {client} has no enrolled identity") from None
+            self._identities[client] = parse_identity(blob, client_id=client, where=key).ed25519
+        return self._identities[client]
+
+    def manifest(self, cid: str, phase: Phase) -> Manifest | None:
         key = layout.state_key(cid, phase)
         try:
             return parse_manifest(self.store.get(key).body, where=key)
@@ -122,10 +182,8 @@ class Coordinator:
             return None
 
     def cohort_ids(self) -> list[str]:
-        return [
-            p[len(layout.COHORTS_PREFIX) : -1]
-            for p in self.store.list_prefixes(layout.COHORTS_PREFIX)
-        ]
+        prefixes = self.store.list_prefixes(layout.COHORTS_PREFIX)
+        return [p[len(layout.COHORTS_PREFIX) : -1] for p in prefixes]
 
     def open_cohorts(self) -> list[str]:
         """Cohorts without a result, oldest first (closed ones are remembered)."""
@@ -140,16 +198,15 @@ class Coordinator:
         return out
 
     # -- formation ---------------------------------------------------------
-    def _waiting(self, now: float) -> tuple[list[Waiting], list[str]]:
-        """Untaken, unexpired check-ins (oldest per client first) and the open cohort ids."""
+    def _waiting(self, now: float) -> list[Waiting]:
+        """Untaken, unexpired check-ins, the oldest per client, oldest first."""
         listed: list[ObjectInfo] = list(self.store.list(layout.CHECKINS_PREFIX))
-        open_ids = self.open_cohorts()  # listed *after* the check-ins: see participant.check_in
         taken: set[tuple[str, str]] = set()
-        for cid in open_ids:
+        for cid in self.open_cohorts():  # listed *after* the check-ins: see Participant.check_in
             try:
                 taken.update(self.config(cid).members.items())
-            except NotFoundError:
-                continue  # a prefix without config yet: its writer is mid-flight
+            except (NotFoundError, IntegrityError):
+                continue  # a prefix without a (valid) config: nothing it names is taken
         by_client: dict[str, Waiting] = {}
         for info in sorted(listed, key=lambda i: (i.last_modified, i.key)):
             try:
@@ -167,7 +224,33 @@ class Coordinator:
                 parsed.client_id,
                 Waiting(parsed.client_id, parsed.nonce, info.key, info.last_modified),
             )
-        return sorted(by_client.values(), key=lambda w: (w.since, w.key)), open_ids
+        return sorted(by_client.values(), key=lambda w: (w.since, w.key))
+
+    def _new_config(self, cid: str, base: int, chosen: list[Waiting], now: float) -> CohortConfig:
+        s = self.settings
+        params: dict[str, Any] = {"staleness_weight": s.staleness_weight}
+        if s.mode == "secagg":
+            k = s.secagg_degree or None
+            params["secagg"] = asdict(
+                SecAggParams.for_cohort(
+                    len(chosen), clip=s.secagg_clip, k=k, weight_cap=s.secagg_weight_cap
+                )
+            )
+            phase_s = {p.value: s.short_round_s for p in PHASES["secagg"]}
+        else:
+            phase_s = {}
+        phase_s[Phase.INPUTS.value] = s.round_deadline_s
+        return CohortConfig(
+            cohort_id=cid,
+            base_version=base,
+            members={w.client_id: w.nonce for w in chosen},
+            mode=s.mode,
+            min_members=min(s.min_cohort_size, len(chosen)),
+            created_at=now,
+            phase_s=phase_s,
+            server_lr=s.server_lr,
+            params=params,
+        )
 
     def form_cohorts(self, *, allow_partial: bool = False) -> list[str]:
         """Form as many cohorts as the waiting check-ins allow; returns their ids."""
@@ -175,7 +258,7 @@ class Coordinator:
         formed: list[str] = []
         for _ in range(50):
             now = self.clock()
-            waiting, _ = self._waiting(now)
+            waiting = self._waiting(now)
             if len(waiting) < s.cohort_size:
                 partial_ok = (
                     allow_partial
@@ -188,24 +271,13 @@ class Coordinator:
             if len(chosen) < min(s.cohort_size, len(waiting)):
                 continue  # a bad check-in was deleted; recount
             ids = self.cohort_ids()
-            seq = layout.cohort_seq(ids[-1]) + 1 if ids else 1
-            cid = layout.cohort_id(seq)
+            cid = layout.cohort_id(layout.cohort_seq(ids[-1]) + 1 if ids else 1)
             try:
                 base = find_head(self.store)
             except NotFoundError:
                 log.error("bucket has no global model; seed version 0 first")
                 return formed
-            cfg = CohortConfig(
-                cohort_id=cid,
-                base_version=base,
-                members={w.client_id: w.nonce for w in chosen},
-                mode=s.mode,
-                min_members=min(s.min_cohort_size, len(chosen)),
-                created_at=now,
-                deadlines={Phase.INPUTS.value: now + s.round_deadline_s},
-                server_lr=s.server_lr,
-                params={"staleness_weight": s.staleness_weight},
-            )
+            cfg = self._new_config(cid, base, chosen, now)
             try:
                 self.store.put_new(
                     layout.config_key(cid), dumps(cfg), content_type="application/json"
@@ -229,12 +301,21 @@ class Coordinator:
 
     def _checkin_valid(self, w: Waiting) -> bool:
         try:
-            msg = parse_checkin(self.store.get(w.key).body, where=w.key)
+            body = self.store.get(w.key).body
+            msg = parse_checkin(body, where=w.key)
             if msg.client_id != w.client_id or msg.nonce != w.nonce:
                 raise IntegrityError(f"{w.key}: body names {msg.client_id}/{msg.nonce}")
             if msg.mode != self.settings.mode:
                 raise IntegrityError(
-                    f"{w.key}: mode {msg.mode!r} but server runs {self.settings.mode!r}"
+                    f"{w.key}: mode {msg.mode!r} but the server runs {self.settings.mode!r}"
+                )
+            if self.settings.mode == "secagg":
+                doc = {k: v for k, v in asdict(msg).items() if k != "signature"}
+                crypto.verify(
+                    self.identity(w.client_id),
+                    DOMAIN_CHECKIN,
+                    {**doc, "signature": msg.signature},
+                    where=w.key,
                 )
             return True
         except NotFoundError:
@@ -256,62 +337,134 @@ class Coordinator:
                     "could not delete check-in", extra={"client_id": client, "reason": str(exc)}
                 )
 
-    # -- the input phase ---------------------------------------------------
-    def _uploads(self, cid: str, cfg: CohortConfig) -> dict[str, str]:
-        """Member -> ETag of the members' uploads present now (non-members are logged)."""
+    # -- phases ------------------------------------------------------------
+    def expected(self, cid: str, cfg: CohortConfig, phase: Phase) -> list[str] | None:
+        """Who may write in ``phase``: the members, or the previous phase's manifest."""
+        phases = PHASES[cfg.mode]
+        i = phases.index(phase)
+        if i == 0:
+            return sorted(cfg.members)
+        prev = self.manifest(cid, phases[i - 1])
+        return None if prev is None else prev.members
+
+    def _present(
+        self, cid: str, cfg: CohortConfig, phase: Phase, expected: list[str]
+    ) -> dict[str, str]:
+        """Expected member -> ETag of its object in this phase's folder (others are logged)."""
         out: dict[str, str] = {}
-        for info in self.store.list(layout.member_prefix(cid, Kind.PLAIN)):
+        for info in self.store.list(layout.member_prefix(cid, phase_kind(phase, cfg.mode))):
             try:
-                parsed = layout.parse_key(info.key)
+                client = layout.parse_key(info.key).client_id
             except UnknownKeyError:
                 log.warning("ignored stray object", extra={"key": info.key, "cohort_id": cid})
                 continue
-            if parsed.client_id not in cfg.members:
-                log.warning(
-                    "upload from a client outside the cohort ignored",
-                    extra={"key": info.key, "cohort_id": cid, "client_id": parsed.client_id},
-                )
-                continue
-            out[parsed.client_id] = info.etag
+            if client in expected:
+                out[client] = info.etag
         return out
 
-    def on_update(self, cid: str, client: str) -> str:
+    def on_member_object(self, cid: str, kind: Kind, client: str) -> str:
+        extra = {"cohort_id": cid, "client_id": client}
         try:
             cfg = self.config(cid)
         except (NotFoundError, IntegrityError) as exc:
-            log.warning(
-                "upload for an unknown cohort",
-                extra={"cohort_id": cid, "client_id": client, "reason": str(exc)},
-            )
+            log.warning("object for an unknown cohort", extra={**extra, "reason": str(exc)})
             return "rejected"
-        if client not in cfg.members:
-            log.warning(
-                "upload from a non-member ignored", extra={"cohort_id": cid, "client_id": client}
-            )
+        phase = kind_phase(kind, cfg.mode)
+        if phase is None:
+            log.warning(f"{kind.value} object not used in {cfg.mode} mode", extra=extra)
             return "rejected"
-        if self.store.head(layout.state_key(cid, Phase.INPUTS)) is not None:
-            log.warning(
-                "late upload after the input phase closed; not counted",
-                extra={"cohort_id": cid, "client_id": client, "phase": Phase.INPUTS.value},
-            )
-            return "late"
-        uploads = self._uploads(cid, cfg)
-        if set(uploads) >= set(cfg.members):
-            return (
-                "closed" if self.close_phase(cid, Phase.INPUTS, uploads, "all-members") else "noop"
-            )
+        extra["phase"] = phase.value
+        expected = self.expected(cid, cfg, phase)
+        if expected is None:
+            log.warning("object before its phase opened; not counted", extra=extra)
+            return "early"
+        if client not in expected:
+            log.warning("object from a client not expected in this phase; ignored", extra=extra)
+            return "rejected"
+        if (closed := self.manifest(cid, phase)) is not None:
+            if client not in closed.members:
+                log.warning("late object after the phase closed; not counted", extra=extra)
+                return "late"
+            return "noop"  # a re-delivered event for an object already counted
+        if set(self._present(cid, cfg, phase, expected)) >= set(expected):
+            return self.close_phase(cid, phase, "all-members")
         return "waiting"
 
-    def close_phase(self, cid: str, phase: Phase, etags: dict[str, str], why: str) -> bool:
+    def _validate(self, cid: str, cfg: CohortConfig, phase: Phase, client: str, etag: str) -> Any:
+        """The parsed, verified message of a member in a JSON phase (cached by key and ETag)."""
+        key = layout.member_key(cid, phase_kind(phase, cfg.mode), client)
+        if (key, etag) in self._messages:
+            return self._messages[(key, etag)]
+        blob = self.store.get(key).body
+        ident = self.identity(client)
+        ids = {"identity": ident, "cohort_id": cid, "client_id": client, "where": key}
+        params = self.secagg_params(cfg)
+        graph = params.graph(sorted(cfg.members))
+        if phase is Phase.KEYS:
+            msg = parse_keys(blob, **ids)
+        elif phase is Phase.SHARES:
+            msg = parse_shares(blob, **ids)
+            u1 = set(self.expected(cid, cfg, Phase.SHARES) or [])
+            if set(msg.ciphertexts) != graph[client] & u1:
+                raise IntegrityError(
+                    f"{key}: shares addressed to {sorted(msg.ciphertexts)}, expected {sorted(graph[client] & u1)}"
+                )
+        elif phase is Phase.UNMASK:
+            msg = parse_unmask(blob, **ids)
+            u2 = set(self.expected(cid, cfg, Phase.INPUTS) or [])
+            u3 = set(self.expected(cid, cfg, Phase.UNMASK) or [])
+            if not set(msg.self_shares) <= graph[client] & u3:
+                raise IntegrityError(
+                    f"{key}: self-mask shares for non-survivors {sorted(set(msg.self_shares) - u3)}"
+                )
+            if not set(msg.key_shares) <= graph[client] & (u2 - u3):
+                raise IntegrityError(
+                    f"{key}: key shares for members that are not dropouts {sorted(set(msg.key_shares) - (u2 - u3))}"
+                )
+        else:  # pragma: no cover - inputs are validated while summing
+            raise ValueError(phase)
+        self._messages[(key, etag)] = msg
+        return msg
+
+    def close_phase(self, cid: str, phase: Phase, why: str) -> str:
+        """Close ``phase`` with the valid objects present now; abort if too few."""
+        cfg = self.config(cid)
+        if (existing := self.manifest(cid, phase)) is not None:
+            return self._after_close(cfg, phase, existing, won=False)
+        expected = self.expected(cid, cfg, phase)
+        if expected is None:
+            return "noop"
+        present = self._present(cid, cfg, phase, expected)
+        valid: dict[str, str] = {}
+        sum_key = ""
+        if phase is Phase.INPUTS and cfg.mode == "secagg":
+            valid, sum_key = self._sum_inputs(cfg, present)
+        elif phase is Phase.INPUTS:
+            valid = present  # plaintext updates are validated while averaging
+        else:
+            for client, etag in sorted(present.items()):
+                try:
+                    self._validate(cid, cfg, phase, client, etag)
+                    valid[client] = etag
+                except (IntegrityError, NotFoundError) as exc:
+                    log.warning(
+                        "member object rejected; treated as a dropout",
+                        extra={
+                            "cohort_id": cid,
+                            "client_id": client,
+                            "phase": phase.value,
+                            "reason": str(exc),
+                        },
+                    )
         manifest = Manifest(
-            cid, phase.value, sorted(etags), dict(sorted(etags.items())), why, self.clock()
+            cid, phase.value, sorted(valid), dict(sorted(valid.items())), why, self.clock(), sum_key
         )
         try:
             self.store.put_new(
                 layout.state_key(cid, phase), dumps(manifest), content_type="application/json"
             )
         except AlreadyExistsError:
-            return False
+            return self._after_close(cfg, phase, self.manifest(cid, phase) or manifest, won=False)
         log.info(
             "phase closed",
             extra={
@@ -321,22 +474,55 @@ class Coordinator:
                 "closed_by": why,
             },
         )
-        return True
+        return self._after_close(cfg, phase, manifest, won=True)
 
-    # -- finalize: aggregate, apply, record --------------------------------
+    def _after_close(
+        self, cfg: CohortConfig, phase: Phase, manifest: Manifest, *, won: bool
+    ) -> str:
+        minimum = 1 if phase is Phase.UNMASK else cfg.min_members
+        if len(manifest.members) < minimum:
+            return self._abort(
+                cfg, f"{phase.value}: {len(manifest.members)} valid members < minimum {minimum}", {}
+            )
+        return "closed" if won else "noop"
+
+    def _sum_inputs(self, cfg: CohortConfig, present: dict[str, str]) -> tuple[dict[str, str], str]:
+        """Validate and sum the masked uploads; write the sum; return (valid members, sum key)."""
+        cid = cfg.cohort_id
+        length = secure.vector_length(read_schema(self.store, cfg.base_version))
+
+        def check(client: str, key: str, blob: bytes):  # type: ignore[no-untyped-def]
+            return secure.check_masked(
+                blob, where=key, length=length, identity=self.identity(client),
+                cohort_id=cid, client_id=client, base_version=cfg.base_version,
+            )  # fmt: skip
+
+        uploads = [(c, layout.member_key(cid, Kind.MASKED, c)) for c in sorted(present)]
+        result = secure.masked_sum(
+            self.store,
+            uploads,
+            check=check,
+            length=length,
+            concurrency=self.settings.read_concurrency,
+        )
+        self.metric("BytesRead", result.bytes_read, "Bytes")
+        valid = {c: present[c] for c in result.included}
+        key = layout.sum_key(cid, secure.sum_digest(result.included))
+        # AlreadyExists: a concurrent close summed the same member set (same bytes).
+        with contextlib.suppress(AlreadyExistsError):
+            self.store.put_new(key, secure.encode_sum(result.total, result.included, cid))
+        return valid, key
+
+    # -- finalize: unmask/aggregate, apply, record -------------------------
     def finalize(self, cid: str) -> str:
-        """Aggregate the closed input phase and apply it, or abort; idempotent."""
+        """Aggregate the closed cohort and apply it, or abort; idempotent."""
         if self.result(cid) is not None:
             self._closed.add(cid)
             return "noop"
         cfg = self.config(cid)
-        manifest = self._manifest(cid, Phase.INPUTS)
-        if manifest is None:
+        last = self.manifest(cid, PHASES[cfg.mode][-1])
+        if last is None:
             return "noop"
-        if len(manifest.members) < cfg.min_members:
-            return self._abort(
-                cfg, f"{len(manifest.members)} inputs < minimum {cfg.min_members}", {}
-            )
         done = find_applied(self.store, cid, cfg.base_version)
         if done is not None:  # a crash or a duplicate came between the commit and the result
             log.info("cohort already applied", extra={"cohort_id": cid, "version": done})
@@ -344,7 +530,65 @@ class Coordinator:
             members = read_meta(self.store, done).members
             self._record(Result(cid, "applied", done, "", members, {}, self.clock()), cfg)
             return "noop"
+        started = self.clock()
         schema = read_schema(self.store, cfg.base_version)
+        if cfg.mode == "secagg":
+            outcome = self._secure_mean(cfg, schema)
+        else:
+            outcome = self._plain_mean(cfg, last, schema)
+        if isinstance(outcome, str):
+            return outcome
+        mean, included, num_samples, rejected, metrics = outcome
+        applied = apply_cohort(
+            self.store,
+            cohort_id=cid,
+            base_version=cfg.base_version,
+            mean_delta=mean,
+            server_lr=cfg.server_lr,
+            rule=str(cfg.params.get("staleness_weight", self.settings.staleness_weight)),
+            members=included,
+            num_samples=num_samples,
+            metrics={
+                **metrics,
+                "rejected": sorted(rejected),
+                "dropouts": sorted(set(cfg.members) - set(included)),
+            },
+        )
+        if not applied.already:
+            self.metric("CohortsApplied", 1, "Count")
+            self.metric("Staleness", applied.staleness, "Count")
+            self.metric("Dropouts", len(cfg.members) - len(included), "Count")
+        log.info(
+            "cohort applied",
+            extra={
+                "cohort_id": cid,
+                "version": applied.version,
+                "staleness": applied.staleness,
+                "members": included,
+                "phase": "apply",
+                "duplicate": applied.already,
+            },
+        )
+        phase_s = self._phase_durations(cfg)
+        phase_s["aggregate"] = self.clock() - started
+        self._record(
+            Result(cid, "applied", applied.version, "", included, rejected, self.clock(), phase_s),
+            cfg,
+        )
+        return "applied"
+
+    def _phase_durations(self, cfg: CohortConfig) -> dict[str, float]:
+        out, start = {}, cfg.created_at
+        for phase in PHASES[cfg.mode]:
+            m = self.manifest(cfg.cohort_id, phase)
+            if m is None:
+                break
+            out[phase.value] = round(m.closed_at - start, 3)
+            start = m.closed_at
+        return out
+
+    def _plain_mean(self, cfg: CohortConfig, manifest: Manifest, schema: dict) -> Any:
+        cid = cfg.cohort_id
 
         def check(client: str, meta: UpdateMeta) -> None:
             if (meta.cohort_id, meta.client_id) != (cid, client):
@@ -358,7 +602,6 @@ class Coordinator:
             if meta.mode != cfg.mode:
                 raise IntegrityError(f"mode {meta.mode!r}, cohort's is {cfg.mode!r}")
 
-        started = self.clock()
         keys = [(c, layout.member_key(cid, Kind.PLAIN, c)) for c in manifest.members]
         mean = weighted_mean(
             self.store, keys, schema=schema, check=check, concurrency=self.settings.read_concurrency
@@ -369,50 +612,62 @@ class Coordinator:
                 cfg, f"{len(mean.included)} valid inputs < minimum {cfg.min_members}", mean.rejected
             )
         losses = list(mean.losses.values())
-        applied = apply_cohort(
-            self.store,
-            cohort_id=cid,
-            base_version=cfg.base_version,
-            mean_delta=mean.mean,
-            server_lr=cfg.server_lr,
-            rule=str(cfg.params.get("staleness_weight", self.settings.staleness_weight)),
-            members=mean.included,
-            num_samples=mean.total_weight,
-            metrics={"train_loss": sum(losses) / len(losses), "rejected": sorted(mean.rejected)},
+        return (
+            mean.mean,
+            mean.included,
+            mean.total_weight,
+            mean.rejected,
+            {"train_loss": sum(losses) / len(losses)},
         )
-        phase_s = {
-            "inputs": manifest.closed_at - cfg.created_at,
-            "aggregate": self.clock() - started,
+
+    def _secure_mean(self, cfg: CohortConfig, schema: dict) -> Any:
+        cid = cfg.cohort_id
+        params = self.secagg_params(cfg)
+        manifests = {p: self.manifest(cid, p) for p in PHASES["secagg"]}
+        u1, u2, u3, u4 = (manifests[p].members for p in PHASES["secagg"])  # type: ignore[union-attr]
+        inputs = manifests[Phase.INPUTS]
+        assert inputs is not None
+        try:
+            keys = {
+                c: self._validate(cid, cfg, Phase.KEYS, c, manifests[Phase.KEYS].etags[c])
+                for c in u1
+            }  # type: ignore[union-attr]
+            shares = {
+                c: self._validate(cid, cfg, Phase.SHARES, c, manifests[Phase.SHARES].etags[c])
+                for c in u2
+            }  # type: ignore[union-attr]
+            reveals = {
+                c: self._validate(cid, cfg, Phase.UNMASK, c, manifests[Phase.UNMASK].etags[c])
+                for c in u4
+            }  # type: ignore[union-attr]
+            length = secure.vector_length(schema)
+            total = secure.decode_sum(
+                self.store.get(inputs.sum_key).body, where=inputs.sum_key, length=length, members=u3
+            )
+            total, flagged = secure.unmask(
+                total, cohort_id=cid, params=params, members=sorted(cfg.members),
+                u2=u2, u3=u3, keys=keys, shares=shares, reveals=reveals,
+            )  # fmt: skip
+            mean, weight = secure.decode_mean(total, params=params, count=len(u3), schema=schema)
+        except (secure.UnmaskError, IntegrityError, NotFoundError) as exc:
+            return self._abort(cfg, f"cannot unmask: {exc}", {})
+        for client, why in flagged.items():
+            log.warning(
+                "member sent a bad share",
+                extra={"cohort_id": cid, "client_id": client, "reason": why},
+            )
+        rejected = {
+            c: "dropped or rejected before the input round closed"
+            for c in set(cfg.members) - set(u3)
         }
-        if not applied.already:
-            self.metric("CohortsApplied", 1, "Count")
-            self.metric("Staleness", applied.staleness, "Count")
-            self.metric("Dropouts", len(cfg.members) - len(mean.included), "Count")
-        log.info(
-            "cohort applied",
-            extra={
-                "cohort_id": cid,
-                "version": applied.version,
-                "staleness": applied.staleness,
-                "members": mean.included,
-                "phase": "apply",
-                "duplicate": applied.already,
-            },
+        rejected.update(flagged)
+        return (
+            mean,
+            sorted(u3),
+            round(weight * params.weight_cap),
+            rejected,
+            {"total_weight": weight},
         )
-        self._record(
-            Result(
-                cid,
-                "applied",
-                applied.version,
-                "",
-                mean.included,
-                mean.rejected,
-                self.clock(),
-                phase_s,
-            ),
-            cfg,
-        )
-        return "applied"
 
     def _abort(self, cfg: CohortConfig, reason: str, rejected: dict[str, str]) -> str:
         log.warning(
@@ -450,17 +705,20 @@ class Coordinator:
             except IntegrityError as exc:
                 log.error("unreadable cohort config", extra={"cohort_id": cid, "reason": str(exc)})
                 continue
-            manifest = self._manifest(cid, Phase.INPUTS)
-            if manifest is None:
-                if now >= cfg.deadlines.get(Phase.INPUTS.value, float("inf")):
-                    uploads = self._uploads(cid, cfg)
-                    if self.close_phase(cid, Phase.INPUTS, uploads, "deadline"):
-                        counts["closed"] += 1
-            elif (
-                now - manifest.closed_at >= self.settings.stuck_after_s
-                and self.finalize(cid) != "noop"
+            start, current = cfg.created_at, None
+            for phase in PHASES[cfg.mode]:
+                m = self.manifest(cid, phase)
+                if m is None:
+                    current = phase
+                    break
+                start = m.closed_at
+            if current is None:
+                if now - start >= self.settings.stuck_after_s and self.finalize(cid) != "noop":
+                    counts["finalized"] += 1
+            elif now >= start + cfg.phase_s.get(current.value, self.settings.round_deadline_s) and (
+                self.close_phase(cid, current, "deadline") != "noop"
             ):
-                counts["finalized"] += 1
+                counts["closed"] += 1
         counts["formed"] = len(self.form_cohorts(allow_partial=True))
         for info in self.store.list(layout.CHECKINS_PREFIX):
             if now - info.last_modified > self.settings.checkin_ttl_s:

@@ -27,8 +27,14 @@ class ServerSettings:
     stuck_after_s: float = 120.0
     server_lr: float = 1.0
     staleness_weight: str = "inverse_sqrt"
-    mode: str = "plaintext"
+    mode: str = "secagg"
     read_concurrency: int = 4
+    short_round_s: float = 60.0  # time limit of the key, share and unmask rounds
+    secagg_clip: float = 1.0  # quantization range [-clip, clip] of weight * delta
+    secagg_degree: int = 0  # neighbours per member; 0: 2*ceil(log2 n); >= n-1: all pairs
+    secagg_weight_cap: int = (
+        10_000  # sample count that maps to FedAvg weight 1 (larger counts are capped)
+    )
 
     def __post_init__(self) -> None:
         if self.cohort_size < 1 or not 1 <= self.min_cohort_size <= self.cohort_size:
@@ -39,7 +45,12 @@ class ServerSettings:
             raise ValueError(f"staleness_weight must be one of {sorted(STALENESS_WEIGHTS)}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
-        if self.server_lr <= 0 or self.round_deadline_s <= 0 or self.read_concurrency < 1:
+        if (
+            self.server_lr <= 0
+            or self.round_deadline_s <= 0
+            or self.read_concurrency < 1
+            or self.short_round_s <= 0
+        ):
             raise ValueError("server_lr, round_deadline_s and read_concurrency must be positive")
 
     @classmethod
@@ -57,4 +68,8 @@ class ServerSettings:
             staleness_weight=e.get("STALENESS_WEIGHT", d.staleness_weight),
             mode=e.get("AGGREGATION_MODE", d.mode),
             read_concurrency=int(e.get("READ_CONCURRENCY", d.read_concurrency)),
+            short_round_s=float(e.get("SHORT_ROUND_S", d.short_round_s)),
+            secagg_clip=float(e.get("SECAGG_CLIP", d.secagg_clip)),
+            secagg_degree=int(e.get("SECAGG_DEGREE", d.secagg_degree)),
+            secagg_weight_cap=int(e.get("SECAGG_WEIGHT_CAP", d.secagg_weight_cap)),
         )

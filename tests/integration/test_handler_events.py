@@ -24,6 +24,7 @@ def env(store: S3Store, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3
     monkeypatch.setenv("S3_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("COHORT_SIZE", "2")
     monkeypatch.setenv("MIN_COHORT_SIZE", "2")
+    monkeypatch.setenv("AGGREGATION_MODE", "plaintext")
     seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
     return store
 

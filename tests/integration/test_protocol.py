@@ -49,7 +49,9 @@ def stack_factory(s3_endpoint: str, store: S3Store):  # type: ignore[no-untyped-
 
 
 def upload(store: S3Store, client: str, cfg, n: int = 10) -> None:  # type: ignore[no-untyped-def]
-    Participant(store, client).upload_plain(cfg, delta_for(client), num_samples=n, loss=0.5)
+    Participant(store, client, mode="plaintext").upload_plain(
+        cfg, delta_for(client), num_samples=n, loss=0.5
+    )
 
 
 def test_cohort_applies_weighted_mean(stack_factory, store: S3Store) -> None:  # type: ignore[no-untyped-def]
@@ -115,14 +117,19 @@ def test_deadline_closes_with_survivors_and_small_cohort_aborts(
     upload(store, "a", cfgs["a"])
     upload(store, "b", cfgs["b"])
     cid = cfgs["a"].cohort_id
-    wait_until(lambda: Participant(store, "a").result(cid) is not None, what="deadline close")
-    res = Participant(store, "a").result(cid)
+    wait_until(
+        lambda: Participant(store, "a", mode="plaintext").result(cid) is not None,
+        what="deadline close",
+    )
+    res = Participant(store, "a", mode="plaintext").result(cid)
     assert res is not None and res.status == "applied" and res.included == ["a", "b"]
     cfgs = join_all(store, ["a", "b", "c"], 1)
     upload(store, "a", cfgs["a"])
     cid2 = cfgs["a"].cohort_id
-    wait_until(lambda: Participant(store, "a").result(cid2) is not None, what="abort")
-    res2 = Participant(store, "a").result(cid2)
+    wait_until(
+        lambda: Participant(store, "a", mode="plaintext").result(cid2) is not None, what="abort"
+    )
+    res2 = Participant(store, "a", mode="plaintext").result(cid2)
     assert res2 is not None and res2.status == "aborted" and "minimum" in res2.reason
     assert find_head(store) == 1
     cfgs = join_all(store, ["a", "b", "c"], 1)
@@ -148,15 +155,20 @@ def test_hostile_and_late_uploads_are_rejected_and_cohort_completes(
     from dataclasses import replace
 
     liar = replace(cfg, base_version=cfg.base_version + 5)
-    Participant(store, "c").upload_plain(liar, delta_for("c"), num_samples=10, loss=0.1)
+    Participant(store, "c", mode="plaintext").upload_plain(
+        liar, delta_for("c"), num_samples=10, loss=0.1
+    )
     store.put_new(layout.member_key(cfg.cohort_id, layout.Kind.PLAIN, "zz"), b"\x00" * 12)
-    wait_until(lambda: Participant(store, "a").result(cfg.cohort_id) is not None, what="result")
-    res = Participant(store, "a").result(cfg.cohort_id)
+    wait_until(
+        lambda: Participant(store, "a", mode="plaintext").result(cfg.cohort_id) is not None,
+        what="result",
+    )
+    res = Participant(store, "a", mode="plaintext").result(cfg.cohort_id)
     assert res is not None and res.included == ["a", "b"]
     assert "base version" in res.rejected["c"]
     # A late upload after the phase closed changes nothing.
     store.put_new(layout.member_key(cfg.cohort_id, layout.Kind.PLAIN, "late"), b"x")
-    coord = Coordinator(store, ServerSettings(cohort_size=3))
+    coord = Coordinator(store, ServerSettings(cohort_size=3, mode="plaintext"))
     assert coord.on_update(cfg.cohort_id, "a") == "late"
     assert coord.on_update(cfg.cohort_id, "zz") == "rejected"
     assert find_head(store) == 1
@@ -167,7 +179,7 @@ def test_crash_between_commit_and_pointer_is_recovered(store: S3Store) -> None:
     the result WHEN the event is redelivered THEN nothing is applied twice and the pointer
     and result catch up."""
     tiny_seed(store)
-    coord = Coordinator(store, ServerSettings(cohort_size=2, min_cohort_size=2))
+    coord = Coordinator(store, ServerSettings(cohort_size=2, min_cohort_size=2, mode="plaintext"))
     cfgs = join_all_direct(store, coord, ["a", "b"])
     for c in "ab":
         upload(store, c, cfgs[c])
@@ -189,7 +201,7 @@ def test_crash_between_commit_and_pointer_is_recovered(store: S3Store) -> None:
         apply_mod.advance_pointer = real
     assert read_pointer(store)[0].version == 0 and find_head(store) == 1
     assert store.head(layout.state_key(cid, Phase.RESULT)) is None
-    fresh = Coordinator(store, ServerSettings(cohort_size=2, min_cohort_size=2))
+    fresh = Coordinator(store, ServerSettings(cohort_size=2, min_cohort_size=2, mode="plaintext"))
     assert fresh.on_object_created(layout.state_key(cid, Phase.INPUTS)) == "noop"
     assert read_pointer(store)[0].version == 1 and find_head(store) == 1
     assert fresh.result(cid) is not None
@@ -197,7 +209,7 @@ def test_crash_between_commit_and_pointer_is_recovered(store: S3Store) -> None:
 
 
 def join_all_direct(store: S3Store, coord: Coordinator, clients: list[str]):  # type: ignore[no-untyped-def]
-    parts = {c: Participant(store, c) for c in clients}
+    parts = {c: Participant(store, c, mode="plaintext") for c in clients}
     tickets = {c: p.check_in(0) for c, p in parts.items()}
     coord.form_cohorts()
     return {c: parts[c].find_cohort(tickets[c])[0] for c in clients}

@@ -1,0 +1,54 @@
+"""The double-masking algebra of Bonawitz et al. 2017 (section 4), modulo 2^32.
+
+A member u uploads  y_u = x_u + PRG(b_u) + sum_{v in N(u)} s(u,v) * PRG(s_uv)
+with s(u,v) = +1 if u < v else -1, so pairwise masks cancel in the sum over
+members that both uploaded. The server removes the self masks PRG(b_u) of
+the members that uploaded and, for a neighbour v that dropped after sharing,
+the survivors' pairwise masks toward v (which it can recompute once v's
+secret key is reconstructed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from fedcore.secagg.crypto import expand_mask, pair_sign
+
+
+def mask_input(
+    q: np.ndarray, *, me: str, self_seed: bytes, pair_seeds: Mapping[str, bytes]
+) -> np.ndarray:
+    """y = q + PRG(self_seed) + sum_v sign(me, v) PRG(pair_seed_v)  (mod 2^32)."""
+    y = np.array(q, dtype=np.uint32, copy=True)
+    y += expand_mask(self_seed, y.size)
+    for peer, seed in pair_seeds.items():
+        m = expand_mask(seed, y.size)
+        if pair_sign(me, peer) > 0:
+            y += m
+        else:
+            y -= m
+    return y
+
+
+def remove_masks(
+    total: np.ndarray,
+    *,
+    self_seeds: Iterable[bytes],
+    dangling: Iterable[tuple[str, str, bytes]] = (),
+) -> np.ndarray:
+    """Strip self masks and the survivors' masks toward dropped neighbours, in place.
+
+    ``dangling`` holds (survivor u, dropped v, seed s_uv): u added sign(u, v) PRG(s_uv),
+    which has no partner in the sum because v never uploaded.
+    """
+    for seed in self_seeds:
+        total -= expand_mask(seed, total.size)
+    for u, v, seed in dangling:
+        m = expand_mask(seed, total.size)
+        if pair_sign(u, v) > 0:
+            total -= m
+        else:
+            total += m
+    return total

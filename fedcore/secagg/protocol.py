@@ -1,0 +1,355 @@
+"""Secure-aggregation wire messages and parameters, validated in one place.
+
+Every message a member publishes is signed with its long-term Ed25519 key
+(``clients/{id}/identity.json``) under a per-message domain tag, and names
+its cohort and sender, so a message replayed into another cohort, another
+member's mailbox or another round fails verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fedcore.errors import IntegrityError
+from fedcore.layout import check_id
+from fedcore.secagg import crypto
+from fedcore.secagg.graph import default_degree, default_threshold, neighbours
+from fedcore.secagg.quantize import Quantizer, bits_for
+
+DOMAIN_CHECKIN = "fedcore/v1/checkin"
+DOMAIN_KEYS = "fedcore/v1/secagg/keys"
+DOMAIN_SHARES = "fedcore/v1/secagg/shares"
+DOMAIN_MASKED = "fedcore/v1/secagg/masked"
+DOMAIN_UNMASK = "fedcore/v1/secagg/unmask"
+MASKED_FORMAT = "fedcore.masked.v1"
+MASKED_TENSOR = "masked"
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Per-cohort parameters, fixed in the write-once config.
+
+    k: neighbour degree (k = n-1: all pairs); t: Shamir threshold (t > k/2 so
+    the server plus a minority of a member's neighbours learn nothing);
+    clip and bits: quantization (bits leave headroom so n values cannot wrap
+    mod 2^32); weight_cap: the sample count that maps to weight 1.
+    """
+
+    k: int
+    t: int
+    graph_seed: str
+    clip: float
+    bits: int
+    weight_cap: int
+
+    @classmethod
+    def for_cohort(
+        cls, n: int, *, clip: float = 1.0, weight_cap: int = 100_000, k: int | None = None
+    ) -> SecAggParams:
+        k = default_degree(n) if k is None else min(k, n - 1)
+        return cls(
+            k=k,
+            t=max(1, default_threshold(k)),
+            graph_seed=secrets.token_hex(16),
+            clip=clip,
+            bits=bits_for(n),
+            weight_cap=weight_cap,
+        )
+
+    def validate(self, n: int, *, where: str) -> None:
+        ok = (
+            1 <= self.k <= max(1, n - 1)
+            and 1 <= self.t <= max(1, self.k)
+            and self.clip > 0
+            and math.isfinite(self.clip)
+            and 1 <= self.bits <= bits_for(n)
+            and self.weight_cap >= 1
+        )
+        if not ok:
+            raise IntegrityError(f"{where}: invalid secagg parameters {self} for {n} members")
+
+    @classmethod
+    def from_dict(cls, doc: Any, *, where: str) -> SecAggParams:
+        try:
+            p = cls(
+                k=int(doc["k"]),
+                t=int(doc["t"]),
+                graph_seed=str(doc["graph_seed"]),
+                clip=float(doc["clip"]),
+                bits=int(doc["bits"]),
+                weight_cap=int(doc["weight_cap"]),
+            )
+            bytes.fromhex(p.graph_seed)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"{where}: bad secagg parameters: {exc!r}") from None
+        return p
+
+    def quantizer(self) -> Quantizer:
+        return Quantizer(clip=self.clip, bits=self.bits)
+
+    def graph(self, members: list[str]) -> dict[str, set[str]]:
+        return neighbours(sorted(members), k=self.k, seed=bytes.fromhex(self.graph_seed))
+
+
+def member_index(members: list[str], client: str) -> int:
+    """The member's Shamir x-coordinate: its 1-based position among the sorted members."""
+    return sorted(members).index(client) + 1
+
+
+def _load(blob: bytes, where: str) -> dict[str, Any]:
+    if len(blob) > MAX_MESSAGE_BYTES:
+        raise IntegrityError(f"{where}: message of {len(blob)} bytes is too large")
+    try:
+        doc = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{where}: not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{where}: not a JSON object")
+    return doc
+
+
+def _check_sender(doc: dict[str, Any], *, cohort_id: str, client_id: str, where: str) -> None:
+    if doc.get("cohort_id") != cohort_id or doc.get("client_id") != client_id:
+        raise IntegrityError(
+            f"{where}: names {doc.get('cohort_id')}/{doc.get('client_id')}, "
+            f"expected {cohort_id}/{client_id} (replayed or misplaced)"
+        )
+
+
+def encode_signed(doc: dict[str, Any], *, domain: str, signing_key: bytes) -> bytes:
+    body = dict(doc)
+    body["signature"] = crypto.sign(signing_key, domain, body)
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _verified(
+    blob: bytes, *, domain: str, identity: bytes, cohort_id: str, client_id: str, where: str
+) -> dict[str, Any]:
+    doc = _load(blob, where)
+    _check_sender(doc, cohort_id=cohort_id, client_id=client_id, where=where)
+    crypto.verify(identity, domain, doc, where=where)
+    return doc
+
+
+# -- identity -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    client_id: str
+    ed25519: bytes
+
+
+def encode_identity(client_id: str, public: bytes, created_at: float) -> bytes:
+    return json.dumps(
+        {"client_id": client_id, "ed25519": crypto.b64(public), "created_at": created_at},
+        sort_keys=True,
+    ).encode()
+
+
+def parse_identity(blob: bytes, *, client_id: str, where: str) -> Identity:
+    doc = _load(blob, where)
+    if doc.get("client_id") != client_id:
+        raise IntegrityError(f"{where}: identity names {doc.get('client_id')!r}")
+    return Identity(client_id, crypto.unb64(doc.get("ed25519"), what=f"{where}: ed25519", size=32))
+
+
+# -- round 1: AdvertiseKeys -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeysMsg:
+    cohort_id: str
+    client_id: str
+    c_pk: bytes  # X25519 public key for share encryption
+    s_pk: bytes  # X25519 public key for mask agreement
+
+
+def encode_keys(msg: KeysMsg, signing_key: bytes) -> bytes:
+    doc = {
+        "cohort_id": msg.cohort_id,
+        "client_id": msg.client_id,
+        "c_pk": crypto.b64(msg.c_pk),
+        "s_pk": crypto.b64(msg.s_pk),
+    }
+    return encode_signed(doc, domain=DOMAIN_KEYS, signing_key=signing_key)
+
+
+def parse_keys(
+    blob: bytes, *, identity: bytes, cohort_id: str, client_id: str, where: str
+) -> KeysMsg:
+    doc = _verified(
+        blob,
+        domain=DOMAIN_KEYS,
+        identity=identity,
+        cohort_id=cohort_id,
+        client_id=client_id,
+        where=where,
+    )
+    c_pk = crypto.unb64(doc.get("c_pk"), what=f"{where}: c_pk", size=32)
+    s_pk = crypto.unb64(doc.get("s_pk"), what=f"{where}: s_pk", size=32)
+    if c_pk == s_pk:
+        raise IntegrityError(f"{where}: the two advertised keys must differ")
+    return KeysMsg(cohort_id, client_id, c_pk, s_pk)
+
+
+# -- round 2: ShareKeys ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharesMsg:
+    cohort_id: str
+    client_id: str
+    self_commit: str  # sha256 hex of the self-mask seed: lets the server check its reconstruction
+    ciphertexts: dict[str, bytes]  # receiver -> AES-GCM(share of s_sk || share of b)
+
+
+def encode_shares(msg: SharesMsg, signing_key: bytes) -> bytes:
+    doc = {
+        "cohort_id": msg.cohort_id,
+        "client_id": msg.client_id,
+        "self_commit": msg.self_commit,
+        "ciphertexts": {k: crypto.b64(v) for k, v in sorted(msg.ciphertexts.items())},
+    }
+    return encode_signed(doc, domain=DOMAIN_SHARES, signing_key=signing_key)
+
+
+def parse_shares(
+    blob: bytes, *, identity: bytes, cohort_id: str, client_id: str, where: str
+) -> SharesMsg:
+    doc = _verified(
+        blob,
+        domain=DOMAIN_SHARES,
+        identity=identity,
+        cohort_id=cohort_id,
+        client_id=client_id,
+        where=where,
+    )
+    commit = doc.get("self_commit")
+    if not (isinstance(commit, str) and len(commit) == 64):
+        raise IntegrityError(f"{where}: self_commit must be a sha256 hex digest")
+    cts = doc.get("ciphertexts")
+    if not isinstance(cts, dict):
+        raise IntegrityError(f"{where}: ciphertexts must be an object")
+    out = {}
+    for receiver, ct in cts.items():
+        try:
+            check_id(receiver, "receiver")
+        except ValueError as exc:
+            raise IntegrityError(f"{where}: {exc}") from None
+        raw = crypto.unb64(ct, what=f"{where}: ciphertext for {receiver}")
+        if len(raw) != SHARE_PLAINTEXT_BYTES + 28:
+            raise IntegrityError(f"{where}: ciphertext for {receiver} has {len(raw)} bytes")
+        out[receiver] = raw
+    return SharesMsg(cohort_id, client_id, commit, out)
+
+
+SHARE_BYTES = 66
+SHARE_PLAINTEXT_BYTES = 2 * SHARE_BYTES
+
+
+def commit_seed(seed: bytes) -> str:
+    return hashlib.sha256(b"fedcore/v1/secagg/self-seed\n" + seed).hexdigest()
+
+
+# -- round 3: MaskedInput (metadata of the safetensors upload) ------------------
+
+
+@dataclass(frozen=True)
+class MaskedMeta:
+    cohort_id: str
+    client_id: str
+    base_version: int
+    length: int
+    digest: str  # sha256 hex of the uint32 tensor's bytes
+
+
+def masked_metadata(meta: MaskedMeta, signing_key: bytes) -> dict[str, str]:
+    doc = asdict(meta)
+    doc["signature"] = crypto.sign(signing_key, DOMAIN_MASKED, doc)
+    return {"format": MASKED_FORMAT, "fedcore": json.dumps(doc, sort_keys=True)}
+
+
+def parse_masked_metadata(
+    meta: dict[str, str], *, identity: bytes, cohort_id: str, client_id: str, where: str
+) -> MaskedMeta:
+    if meta.get("format") != MASKED_FORMAT:
+        raise IntegrityError(f"{where}: format {meta.get('format')!r}, expected {MASKED_FORMAT!r}")
+    doc = _verified(
+        meta.get("fedcore", "").encode(), domain=DOMAIN_MASKED, identity=identity,
+        cohort_id=cohort_id, client_id=client_id, where=where,
+    )  # fmt: skip
+    try:
+        return MaskedMeta(
+            cohort_id=doc["cohort_id"],
+            client_id=doc["client_id"],
+            base_version=int(doc["base_version"]),
+            length=int(doc["length"]),
+            digest=str(doc["digest"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"{where}: masked metadata invalid: {exc!r}") from None
+
+
+# -- round 4: Unmask ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnmaskMsg:
+    cohort_id: str
+    client_id: str
+    self_shares: dict[str, int]  # survivor v -> this member's share of b_v
+    key_shares: dict[str, int]  # dropped v -> this member's share of s_sk_v
+
+
+def encode_unmask(msg: UnmaskMsg, signing_key: bytes) -> bytes:
+    from fedcore.secagg.shamir import share_to_bytes
+
+    doc = {
+        "cohort_id": msg.cohort_id,
+        "client_id": msg.client_id,
+        "self_shares": {
+            k: crypto.b64(share_to_bytes(v)) for k, v in sorted(msg.self_shares.items())
+        },
+        "key_shares": {k: crypto.b64(share_to_bytes(v)) for k, v in sorted(msg.key_shares.items())},
+    }
+    return encode_signed(doc, domain=DOMAIN_UNMASK, signing_key=signing_key)
+
+
+def parse_unmask(
+    blob: bytes, *, identity: bytes, cohort_id: str, client_id: str, where: str
+) -> UnmaskMsg:
+    from fedcore.secagg.shamir import InconsistentSharesError, share_from_bytes
+
+    doc = _verified(
+        blob,
+        domain=DOMAIN_UNMASK,
+        identity=identity,
+        cohort_id=cohort_id,
+        client_id=client_id,
+        where=where,
+    )
+    out: dict[str, dict[str, int]] = {}
+    for field in ("self_shares", "key_shares"):
+        raw = doc.get(field)
+        if not isinstance(raw, dict):
+            raise IntegrityError(f"{where}: {field} must be an object")
+        try:
+            out[field] = {
+                str(k): share_from_bytes(
+                    crypto.unb64(v, what=f"{where}: {field}[{k}]", size=SHARE_BYTES)
+                )
+                for k, v in raw.items()
+            }
+        except InconsistentSharesError as exc:
+            raise IntegrityError(f"{where}: {exc}") from None
+    both = set(out["self_shares"]) & set(out["key_shares"])
+    if both:
+        raise IntegrityError(f"{where}: reveals both kinds of share for {sorted(both)}")
+    return UnmaskMsg(cohort_id, client_id, out["self_shares"], out["key_shares"])

@@ -1,0 +1,237 @@
+"""Server side of secure aggregation: the masked sum and the unmasking.
+
+The function only ever holds (a) single masked uploads, each uniformly
+random on its own, (b) their running sum modulo 2^32, and (c) after the
+Unmask round, the self-mask seeds of members *in* the sum and the mask keys
+of members *not* in it, never both for one member (``unmask`` refuses and the
+cohort aborts). There is no code path here that decodes an individual update:
+only the final, unmasked sum is dequantized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedcore.codec import check_schema, decode_tensors, encode_tensors, parse_header
+from fedcore.errors import FedError, IntegrityError
+from fedcore.secagg import crypto, shamir
+from fedcore.secagg.masking import remove_masks
+from fedcore.secagg.protocol import (
+    MASKED_TENSOR,
+    KeysMsg,
+    SecAggParams,
+    SharesMsg,
+    UnmaskMsg,
+    commit_seed,
+    member_index,
+    parse_masked_metadata,
+)
+from fedcore.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class UnmaskError(FedError):
+    """The cohort cannot be unmasked safely; it must abort without revealing anything."""
+
+
+@dataclass
+class MaskedSum:
+    total: np.ndarray
+    included: list[str]
+    rejected: dict[str, str] = field(default_factory=dict)
+    bytes_read: int = 0
+
+
+def check_masked(
+    blob: bytes,
+    *,
+    where: str,
+    length: int,
+    identity: bytes,
+    cohort_id: str,
+    client_id: str,
+    base_version: int,
+) -> np.ndarray:
+    """Validate one masked upload and return its uint32 vector (a view of ``blob``)."""
+    tensors, meta = decode_tensors(blob, where=where, schema={MASKED_TENSOR: ("U32", (length,))})
+    signed = parse_masked_metadata(
+        meta, identity=identity, cohort_id=cohort_id, client_id=client_id, where=where
+    )
+    vec = tensors[MASKED_TENSOR]
+    if signed.base_version != base_version or signed.length != length:
+        raise IntegrityError(
+            f"{where}: signed for base {signed.base_version}/length {signed.length}"
+        )
+    if hashlib.sha256(vec.tobytes()).hexdigest() != signed.digest:
+        raise IntegrityError(f"{where}: data does not match its signed digest (tampered)")
+    return vec
+
+
+def masked_sum(
+    store: ObjectStore,
+    uploads: list[tuple[str, str]],
+    *,
+    check: Callable[[str, str, bytes], np.ndarray],
+    length: int,
+    concurrency: int = 4,
+) -> MaskedSum:
+    """Stream the modular sum of the valid uploads ((client, key) pairs); O(model) memory."""
+    out = MaskedSum(np.zeros(length, dtype=np.uint32), [])
+
+    def fetch(key: str) -> bytes:
+        return store.get(key).body
+
+    def fold(fut: Future[bytes], client: str, key: str) -> None:
+        try:
+            blob = fut.result()
+            out.bytes_read += len(blob)
+            out.total += check(client, key, blob)
+        except FedError as exc:
+            out.rejected[client] = str(exc)
+            log.warning(
+                "masked input rejected", extra={"client_id": client, "key": key, "reason": str(exc)}
+            )
+            return
+        out.included.append(client)
+
+    pending: dict[Future[bytes], tuple[str, str]] = {}
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for client, key in uploads:
+            if len(pending) >= concurrency:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    fold(fut, *pending.pop(fut))
+            pending[pool.submit(fetch, key)] = (client, key)
+        for fut in list(pending):
+            fold(fut, *pending.pop(fut))
+    out.included.sort()
+    return out
+
+
+def sum_digest(members: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(members)).encode()).hexdigest()[:16]
+
+
+def encode_sum(total: np.ndarray, members: list[str], cohort_id: str) -> bytes:
+    meta = {
+        "format": "fedcore.masked-sum.v1",
+        "cohort_id": cohort_id,
+        "members": ",".join(sorted(members)),
+    }
+    return encode_tensors({MASKED_TENSOR: total}, meta)
+
+
+def decode_sum(blob: bytes, *, where: str, length: int, members: list[str]) -> np.ndarray:
+    header = parse_header(blob, where=where)
+    check_schema(header, {MASKED_TENSOR: ("U32", (length,))}, where=where)
+    if header.metadata.get("members") != ",".join(sorted(members)):
+        raise IntegrityError(f"{where}: sums a different member set than the manifest")
+    tensors, _ = decode_tensors(blob, where=where)
+    return np.array(tensors[MASKED_TENSOR], dtype=np.uint32, copy=True)
+
+
+def unmask(
+    total: np.ndarray,
+    *,
+    cohort_id: str,
+    params: SecAggParams,
+    members: list[str],
+    u2: list[str],
+    u3: list[str],
+    keys: Mapping[str, KeysMsg],
+    shares: Mapping[str, SharesMsg],
+    reveals: Mapping[str, UnmaskMsg],
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Remove every mask from ``total`` (in place); returns it and the flagged bad revealers.
+
+    Raises ``UnmaskError`` (the caller aborts) when some secret lacks t shares,
+    fails its check, or when both kinds of share were revealed for one member.
+    """
+    graph = params.graph(members)
+    survivors, dropped = set(u3), set(u2) - set(u3)
+    self_shares: dict[str, dict[int, int]] = {v: {} for v in survivors}
+    key_shares: dict[str, dict[int, int]] = {v: {} for v in dropped}
+    flagged: dict[str, str] = {}
+    for u, msg in reveals.items():
+        for v, y in msg.self_shares.items():
+            if v in dropped:
+                raise UnmaskError(
+                    f"{u} revealed a self-mask share of dropped member {v}: both kinds requested"
+                )
+            if v in survivors and v in graph[u]:
+                self_shares[v][member_index(members, u)] = y
+        for v, y in msg.key_shares.items():
+            if v in survivors:
+                raise UnmaskError(
+                    f"{u} revealed a key share of surviving member {v}: both kinds requested"
+                )
+            if v in dropped and v in graph[u]:
+                key_shares[v][member_index(members, u)] = y
+    index_to_id = {member_index(members, m): m for m in members}
+
+    def rebuild(v: str, pts: dict[int, int], kind: str, check: Callable[[bytes], bool]) -> bytes:
+        if len(pts) < params.t:
+            raise UnmaskError(f"only {len(pts)} {kind} shares of {v}, threshold {params.t}")
+        try:
+            secret, bad = shamir.reconstruct_robust(pts, threshold=params.t, max_bad=1)
+        except shamir.InconsistentSharesError as exc:
+            raise UnmaskError(f"{kind} shares of {v} inconsistent: {exc}") from None
+        for x in bad:
+            flagged[index_to_id[x]] = f"sent a bad {kind} share of {v}"
+        if not check(secret):
+            raise UnmaskError(f"reconstructed {kind} of {v} fails its commitment")
+        return secret
+
+    seeds = [
+        rebuild(
+            v, self_shares[v], "self-mask", lambda s, v=v: commit_seed(s) == shares[v].self_commit
+        )
+        for v in sorted(survivors)
+    ]
+    dangling = []
+    for v in sorted(dropped):
+        s_sk = rebuild(
+            v,
+            key_shares[v],
+            "mask-key",
+            lambda s, v=v: len(s) == 32 and crypto.x25519_public(s) == keys[v].s_pk,
+        )
+        for u in sorted(graph[v] & survivors):
+            seed = crypto.pair_mask_seed(s_sk, keys[u].s_pk, cohort_id=cohort_id, me=v, peer=u)
+            dangling.append((u, v, seed))
+    remove_masks(total, self_seeds=seeds, dangling=dangling)
+    return total, flagged
+
+
+def decode_mean(
+    total: np.ndarray,
+    *,
+    params: SecAggParams,
+    count: int,
+    schema: Mapping[str, tuple[str, tuple[int, ...]]],
+) -> tuple[dict[str, np.ndarray], float]:
+    """Weighted mean update and total weight from the unmasked sum of [w*delta, w] codes."""
+    sums = params.quantizer().dequantize_sum(total, count)
+    weight = float(sums[-1])
+    if not weight > 0:
+        raise UnmaskError(f"decoded total weight {weight} is not positive")
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for name in sorted(schema):
+        shape = schema[name][1]
+        size = int(np.prod(shape))
+        out[name] = (sums[offset : offset + size] / weight).astype(np.float32).reshape(shape)
+        offset += size
+    return out, weight
+
+
+def vector_length(schema: Mapping[str, tuple[str, tuple[int, ...]]]) -> int:
+    """Length of the masked vector: every parameter (names sorted) plus one weight."""
+    return sum(int(np.prod(shape)) for _, shape in schema.values()) + 1

@@ -1,0 +1,218 @@
+"""Secure aggregation end to end: real handlers, real S3 events, the moto server.
+
+Ten synthetic devices per cohort (no torch) run the four rounds; some vanish
+at a chosen point; the applied version must equal the plaintext weighted mean
+of the members that were counted, within the quantization bound.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from fedcore import layout
+from fedcore.codec import encode_tensors
+from fedcore.layout import Kind, Phase
+from fedcore.messages import CohortConfig
+from fedcore.secagg import crypto
+from fedcore.secagg.protocol import MASKED_TENSOR, MaskedMeta, masked_metadata
+from fedcore.secure_round import run_secure_cohort
+from fedcore.storage import S3Store
+from fedcore.versions import find_head, load_model, seed
+from infra.stack import LocalStack
+from tests.helpers import TINY, assert_consistent, delta_for, join_all, participant, wait_until
+
+N = 10
+WEIGHT_CAP = 100
+SAMPLES = {f"s{i:02d}": 10 + 5 * i for i in range(N)}
+
+
+@pytest.fixture
+def stack(s3_endpoint: str, store: S3Store):  # type: ignore[no-untyped-def]
+    seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
+    settings = {
+        "mode": "secagg",
+        "cohort_size": N,
+        "min_cohort_size": 5,
+        "short_round_s": 1.0,
+        "round_deadline_s": 3.0,
+        "secagg_weight_cap": WEIGHT_CAP,
+        "stuck_after_s": 5.0,
+    }
+    with LocalStack(
+        endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, sweep_interval_s=0.2,
+        duplicate=True, shuffle=True, seed=3,
+    ) as st:  # fmt: skip
+        yield st
+
+
+def run_cohort(
+    store: S3Store, version: int, drops: dict[str, str], *, before_upload=None
+) -> tuple[CohortConfig, dict[str, str]]:  # type: ignore[no-untyped-def]
+    clients = sorted(SAMPLES)
+    cfgs = join_all(store, clients, version, mode="secagg")
+    cfg = cfgs[clients[0]]
+    assert {c.cohort_id for c in cfgs.values()} == {cfg.cohort_id}
+    outcomes: dict[str, str] = {}
+
+    def member(c: str) -> None:
+        outcomes[c] = run_secure_cohort(
+            participant(store, c, "secagg"), cfg, lambda c=c: (delta_for(c, TINY, 0.05), SAMPLES[c]),
+            drop_at=drops.get(c), poll_s=0.05, slack_s=20,
+        )  # fmt: skip
+
+    threads = [threading.Thread(target=member, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    if before_upload:
+        before_upload(cfg)
+    for t in threads:
+        t.join()
+    wait_until(
+        lambda: participant(store, clients[0]).result(cfg.cohort_id) is not None,
+        30,
+        "cohort result",
+    )
+    return cfg, outcomes
+
+
+def expected_mean(members: list[str]) -> dict[str, np.ndarray]:
+    weights = {c: min(SAMPLES[c], WEIGHT_CAP) / WEIGHT_CAP for c in members}
+    total = sum(weights.values())
+    return {
+        k: sum(weights[c] * delta_for(c, TINY, 0.05)[k].astype(np.float64) for c in members) / total
+        for k in TINY
+    }
+
+
+def check_applied(store: S3Store, cfg: CohortConfig, survivors: list[str], before: int) -> None:
+    res = participant(store, "s00").result(cfg.cohort_id)
+    assert res is not None and res.status == "applied", res
+    assert res.included == sorted(survivors)
+    new, meta, _ = load_model(store, res.version)
+    old, _, _ = load_model(store, res.version - 1)
+    mean = expected_mean(survivors)
+    # Quantization: |error| < n * step / sum(w) per coordinate (fedcore.secagg.quantize).
+    step = 2.0 / (2**28 - 1)
+    bound = len(survivors) * step / sum(min(SAMPLES[c], WEIGHT_CAP) / WEIGHT_CAP for c in survivors)
+    for k in TINY:
+        got = (new[k].astype(np.float64) - old[k]) / meta.weight
+        np.testing.assert_allclose(got, mean[k], atol=bound * 4 + 1e-7, rtol=1e-5)
+    assert find_head(store) == before + 1
+
+
+CASES = [(0.0, "inputs")] + [(f, r) for f in (0.2, 0.3) for r in ("keys", "shares", "inputs")]
+
+
+def test_dropouts_at_each_round_match_plaintext_mean(stack, store: S3Store) -> None:  # type: ignore[no-untyped-def]
+    """GIVEN cohorts of 10 with 0%, 20% and 30% of members vanishing before advertising
+    keys, after sharing them, or after uploading WHEN the sweeper closes the rounds at their
+    deadlines THEN every cohort applies, and the new version equals the plaintext weighted
+    mean of the members in U3 within the quantization bound."""
+    clients = sorted(SAMPLES)
+    for i, (fraction, where) in enumerate(CASES):
+        dropped = clients[1 : 1 + round(fraction * N)]
+        cfg, outcomes = run_cohort(store, i, {c: where for c in dropped})
+        # Members who vanish after uploading are still in the sum (their self masks are
+        # reconstructed from their neighbours' shares); the others are not.
+        survivors = clients if where == "inputs" else [c for c in clients if c not in dropped]
+        check_applied(store, cfg, survivors, i)
+        assert all(outcomes[c] == "dropped" for c in dropped)
+    stack.pump.drain()
+    assert stack.pump.stats.dead_letters == []
+    assert_consistent(store)
+
+
+def test_too_few_survivors_aborts_and_next_cohort_proceeds(stack, store: S3Store, caplog) -> None:  # type: ignore[no-untyped-def]
+    """GIVEN 6 of 10 vanish after sharing (4 < minimum 5) THEN the cohort aborts without an
+    unmask round (no share is revealed) and the next cohort applies normally."""
+    clients = sorted(SAMPLES)
+    cfg, _ = run_cohort(store, 0, {c: "shares" for c in clients[:6]})
+    res = participant(store, "s00").result(cfg.cohort_id)
+    assert res is not None and res.status == "aborted" and "minimum" in res.reason
+    assert list(store.list(layout.member_prefix(cfg.cohort_id, Kind.UNMASK))) == []
+    assert find_head(store) == 0
+    cfg2, _ = run_cohort(store, 0, {})
+    check_applied(store, cfg2, clients, 0)
+
+
+def _forge_masked(
+    store: S3Store, cfg: CohortConfig, victim: str, *, cohort_id: str, key: bytes
+) -> None:
+    vec = np.random.default_rng(0).integers(
+        0, 2**32, size=sum(int(np.prod(s)) for s in TINY.values()) + 1, dtype=np.uint32
+    )
+    import hashlib
+
+    meta = MaskedMeta(
+        cohort_id,
+        victim,
+        cfg.base_version,
+        int(vec.size),
+        hashlib.sha256(vec.tobytes()).hexdigest(),
+    )
+    blob = encode_tensors({MASKED_TENSOR: vec}, masked_metadata(meta, key))
+    store.put_new(layout.member_key(cfg.cohort_id, Kind.MASKED, victim), blob)
+
+
+@pytest.mark.parametrize(
+    "attack", ["wrong-signature", "replayed-from-other-cohort", "forged-shares"]
+)
+def test_hostile_objects_are_rejected_as_dropouts(
+    stack, store: S3Store, caplog, attack: str
+) -> None:  # type: ignore[no-untyped-def]
+    """GIVEN one member's slot filled by a forged object (a masked upload signed by another
+    key, a masked upload that names another cohort, or shares with a bad signature)
+    THEN it is rejected with a log line naming the object and the reason, the member is
+    treated as a dropout, and the cohort applies the honest members' mean."""
+    clients = sorted(SAMPLES)
+    victim = "s03"
+    mallory = crypto.ed25519_keypair()[0]
+
+    def inject(cfg: CohortConfig) -> None:
+        if attack == "forged-shares":
+            key = layout.member_key(cfg.cohort_id, Kind.SHARES, victim)
+            wait_until(
+                lambda: store.head(layout.state_key(cfg.cohort_id, Phase.KEYS)) is not None,
+                20,
+                "U1",
+            )
+            store.put_new(
+                key,
+                b'{"cohort_id":"%s","client_id":"%s","self_commit":"%s","ciphertexts":{},"signature":"%s"}'
+                % (
+                    cfg.cohort_id.encode(),
+                    victim.encode(),
+                    b"0" * 64,
+                    crypto.b64(b"\0" * 64).encode(),
+                ),
+            )
+        elif attack == "wrong-signature":
+            _forge_masked(store, cfg, victim, cohort_id=cfg.cohort_id, key=mallory)
+        else:
+            _forge_masked(
+                store,
+                cfg,
+                victim,
+                cohort_id="c00000099",
+                key=participant(store, victim, "secagg").signing_key,
+            )
+
+    # The victim itself vanishes after sharing (or cannot write its shares), so the forged object is all there is.
+    drops = {} if attack == "forged-shares" else {victim: "shares"}
+    with caplog.at_level("WARNING"):
+        cfg, _ = run_cohort(store, 0, drops, before_upload=inject)
+    survivors = [c for c in clients if c != victim]
+    check_applied(store, cfg, survivors, 0)
+    text = " ".join(
+        f"{r.getMessage()} {getattr(r, 'reason', '')} {getattr(r, 'key', '')}"
+        for r in caplog.records
+    )
+    reason = {
+        "wrong-signature": "bad signature",
+        "replayed-from-other-cohort": "replayed",
+        "forged-shares": "bad signature",
+    }[attack]
+    assert reason in text and victim in text
