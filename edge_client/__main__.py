@@ -82,6 +82,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     run.add_argument("--poll-s", type=float, default=1.0)
     run.add_argument("--cohort-timeout-s", type=float, default=600.0)
+    run.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="join plaintext cohorts (debugging/measurement only; the server must run plaintext too)",
+    )
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the device keeps its identity key (default $FL_STATE_DIR/<client id>)",
+    )
+    run.add_argument(
+        "--drop-prob",
+        type=float,
+        default=0.0,
+        help="chance per cohort of vanishing (dropout experiments)",
+    )
+    run.add_argument(
+        "--drop-at",
+        choices=["keys", "shares", "inputs"],
+        default="inputs",
+        help="where to vanish: before advertising keys, after sharing them, after uploading",
+    )
 
     ev = sub.add_parser("evaluate", help="test accuracy of a global version")
     _common(ev)
@@ -110,6 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from edge_client.data import load_mnist, partition
     from edge_client.device import Device, LoopSettings, say
+    from edge_client.identity import default_state_dir, load_or_create_signing_key
     from edge_client.train import TrainSettings
     from fedcore.participant import Participant
     from fedcore.storage import S3Store
@@ -128,6 +152,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"shard {args.shard}/{args.num_shards} ({args.partition}): {len(idx)} examples",
     )
     store = S3Store.connect(args.bucket, args.endpoint_url)
+    if args.plaintext:
+        participant = Participant(store, args.client_id, mode="plaintext")
+    else:
+        state_dir = args.state_dir or default_state_dir(args.client_id)
+        participant = Participant(
+            store, args.client_id, mode="secagg", signing_key=load_or_create_signing_key(state_dir)
+        )
+        if participant.enroll():
+            say(args.client_id, f"enrolled identity (key in {state_dir})")
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -139,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     device = Device(
-        Participant(store, args.client_id),
+        participant,
         mnist.train_x[idx],
         mnist.train_y[idx],
         TrainSettings(args.epochs, args.batch_size, args.lr, args.momentum, args.seed),
@@ -148,6 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             until_version=args.until_version,
             poll_s=args.poll_s,
             cohort_timeout_s=args.cohort_timeout_s,
+            drop_prob=args.drop_prob,
+            drop_at=args.drop_at,
         ),
         stop=stop,
     )

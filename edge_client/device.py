@@ -34,6 +34,8 @@ class LoopSettings:
     max_poll_s: float = 10.0
     wait_for_new_version: bool = True  # do not train twice from the same base
     cohort_timeout_s: float = 600.0
+    drop_prob: float = 0.0  # chance per cohort of vanishing at ``drop_at`` (dropout experiments)
+    drop_at: str = "inputs"
 
 
 def say(client_id: str, msg: str) -> None:

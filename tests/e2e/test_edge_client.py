@@ -41,11 +41,18 @@ def test_local_training_learns() -> None:
     assert after > max(0.6, before + 0.3)
 
 
-def test_devices_train_two_versions_through_the_stack(s3_endpoint: str, store: S3Store) -> None:
-    """GIVEN 3 device processes with 200 images each and cohorts of 3, every event delivered
-    twice and shuffled WHEN they run until version 2 THEN two versions exist, each applying
-    one cohort of all 3 devices, and `evaluate` and `status` read them back."""
-    settings = {"cohort_size": 3, "min_cohort_size": 2, "round_deadline_s": 120}
+def test_devices_train_two_versions_through_the_stack(
+    s3_endpoint: str, store: S3Store, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """GIVEN 3 device processes with 200 images each, cohorts of 3 under secure aggregation,
+    every event delivered twice and shuffled WHEN they run until version 2 THEN two versions
+    exist, each applying one cohort of all 3 devices, and `evaluate` and `status` read them."""
+    settings = {
+        "cohort_size": 3,
+        "min_cohort_size": 2,
+        "round_deadline_s": 120,
+        "short_round_s": 30,
+    }
     with LocalStack(
         endpoint_url=s3_endpoint,
         bucket=store.bucket,
@@ -53,7 +60,9 @@ def test_devices_train_two_versions_through_the_stack(s3_endpoint: str, store: S
         duplicate=True,
         shuffle=True,
     ):
-        env = dict(os.environ, S3_ENDPOINT_URL=s3_endpoint, BUCKET=store.bucket)
+        env = dict(
+            os.environ, S3_ENDPOINT_URL=s3_endpoint, BUCKET=store.bucket, FL_STATE_DIR=str(tmp_path)
+        )
         procs = [
             subprocess.Popen(
                 [
@@ -86,7 +95,9 @@ def test_devices_train_two_versions_through_the_stack(s3_endpoint: str, store: S
     assert find_head(store) == 2
     for v in (1, 2):
         assert len(read_meta(store, v).members) == 3
-    assert "uploaded update" in outputs[0] and "epoch 1/1" in outputs[0]
+    assert "masked update uploaded" in outputs[0] and "epoch 1/1" in outputs[0]
+    assert "enrolled identity" in outputs[0] and "completed" in outputs[0]
+    assert (tmp_path / "dev-0" / "identity.ed25519").stat().st_mode & 0o777 == 0o600
     assert_consistent(store)
     cli = [sys.executable, "-m", "edge_client"]
     ev = subprocess.run(

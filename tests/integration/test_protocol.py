@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedcore import layout
-from fedcore.layout import Phase
+from fedcore.layout import Kind, Phase
 from fedcore.participant import Participant
 from fedcore.server.coordinator import Coordinator
 from fedcore.server.settings import ServerSettings
@@ -35,6 +35,7 @@ def stack_factory(s3_endpoint: str, store: S3Store):  # type: ignore[no-untyped-
             "cohort_size": 3,
             "min_cohort_size": 2,
             "round_deadline_s": 60,
+            "mode": "plaintext",
             **kw.pop("settings", {}),
         }
         st = LocalStack(
@@ -123,6 +124,9 @@ def test_deadline_closes_with_survivors_and_small_cohort_aborts(
     )
     res = Participant(store, "a", mode="plaintext").result(cid)
     assert res is not None and res.status == "applied" and res.included == ["a", "b"]
+    upload(store, "c", cfgs["c"])  # too late: the phase closed without c
+    coord = Coordinator(store, ServerSettings(cohort_size=3, mode="plaintext"))
+    assert coord.on_member_object(cid, Kind.PLAIN, "c") == "late"
     cfgs = join_all(store, ["a", "b", "c"], 1)
     upload(store, "a", cfgs["a"])
     cid2 = cfgs["a"].cohort_id
@@ -169,8 +173,8 @@ def test_hostile_and_late_uploads_are_rejected_and_cohort_completes(
     # A late upload after the phase closed changes nothing.
     store.put_new(layout.member_key(cfg.cohort_id, layout.Kind.PLAIN, "late"), b"x")
     coord = Coordinator(store, ServerSettings(cohort_size=3, mode="plaintext"))
-    assert coord.on_update(cfg.cohort_id, "a") == "late"
-    assert coord.on_update(cfg.cohort_id, "zz") == "rejected"
+    assert coord.on_member_object(cfg.cohort_id, Kind.PLAIN, "a") == "noop"  # re-delivered
+    assert coord.on_member_object(cfg.cohort_id, Kind.PLAIN, "zz") == "rejected"
     assert find_head(store) == 1
 
 
@@ -185,7 +189,7 @@ def test_crash_between_commit_and_pointer_is_recovered(store: S3Store) -> None:
         upload(store, c, cfgs[c])
     cid = cfgs["a"].cohort_id
     for c in "ab":
-        coord.on_update(cid, c)
+        coord.on_member_object(cid, Kind.PLAIN, c)
     import fedcore.server.apply as apply_mod
 
     real = apply_mod.advance_pointer
