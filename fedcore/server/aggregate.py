@@ -9,7 +9,7 @@ excluded with its reason; the caller treats its sender as a dropout.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -23,6 +23,22 @@ log = logging.getLogger(__name__)
 
 # Raises IntegrityError/ProtocolError if the update's metadata contradicts its key or cohort.
 MetaCheck = Callable[[str, UpdateMeta], None]
+
+
+def stream_objects(
+    store: ObjectStore, items: Iterable[tuple[str, str]], *, concurrency: int
+) -> Iterator[tuple[str, str, Future[bytes]]]:
+    """Yield (client, key, finished download) with at most ``concurrency`` bodies in memory."""
+    pending: dict[Future[bytes], tuple[str, str]] = {}
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for client, key in items:
+            if len(pending) >= concurrency:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield (*pending.pop(fut), fut)
+            pending[pool.submit(lambda k=key: store.get(k).body)] = (client, key)
+        for fut in list(pending):
+            yield (*pending.pop(fut), fut)
 
 
 @dataclass
@@ -47,12 +63,9 @@ def weighted_mean(
     acc = {name: np.zeros(shape, dtype=np.float64) for name, (_, shape) in schema.items()}
     result = MeanResult(mean={}, total_weight=0, included=[])
 
-    def fetch(client: str, key: str) -> tuple[str, str, bytes]:
-        return client, key, store.get(key).body
-
-    def fold(fut: Future[tuple[str, str, bytes]], client: str, key: str) -> None:
+    def fold(client: str, key: str, fut: Future[bytes]) -> None:
         try:
-            _, _, blob = fut.result()
+            blob = fut.result()
             result.bytes_read += len(blob)
             delta, meta = decode_update(blob, where=key, schema=schema)
             check(client, meta)
@@ -68,16 +81,8 @@ def weighted_mean(
         result.included.append(client)
         result.losses[client] = float(meta.loss)
 
-    pending: dict[Future, tuple[str, str]] = {}
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for client, key in uploads:
-            if len(pending) >= concurrency:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    fold(fut, *pending.pop(fut))
-            pending[pool.submit(fetch, client, key)] = (client, key)
-        for fut in list(pending):
-            fold(fut, *pending.pop(fut))
+    for client, key, fut in stream_objects(store, uploads, concurrency=concurrency):
+        fold(client, key, fut)
     if result.total_weight:
         result.mean = {k: (v / result.total_weight).astype(np.float32) for k, v in acc.items()}
     result.included.sort()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +32,7 @@ from fedcore.secagg.protocol import (
     member_index,
     parse_masked_metadata,
 )
+from fedcore.server.aggregate import stream_objects
 from fedcore.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,7 @@ def masked_sum(
     """Stream the modular sum of the valid uploads ((client, key) pairs); O(model) memory."""
     out = MaskedSum(np.zeros(length, dtype=np.uint32), [])
 
-    def fetch(key: str) -> bytes:
-        return store.get(key).body
-
-    def fold(fut: Future[bytes], client: str, key: str) -> None:
+    def fold(client: str, key: str, fut: Future[bytes]) -> None:
         try:
             blob = fut.result()
             out.bytes_read += len(blob)
@@ -101,16 +99,8 @@ def masked_sum(
             return
         out.included.append(client)
 
-    pending: dict[Future[bytes], tuple[str, str]] = {}
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for client, key in uploads:
-            if len(pending) >= concurrency:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    fold(fut, *pending.pop(fut))
-            pending[pool.submit(fetch, key)] = (client, key)
-        for fut in list(pending):
-            fold(fut, *pending.pop(fut))
+    for client, key, fut in stream_objects(store, uploads, concurrency=concurrency):
+        fold(client, key, fut)
     out.included.sort()
     return out
 
