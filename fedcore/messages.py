@@ -109,6 +109,9 @@ class CohortConfig:
     phase_s: dict[str, float]
     server_lr: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    # secagg: each member's enrolled Ed25519 public key (b64), pinned at formation,
+    # so that neither the function nor the devices fetch identities per message.
+    identities: dict[str, str] = field(default_factory=dict)
 
 
 def parse_config(blob: bytes, *, where: str) -> CohortConfig:
@@ -136,7 +139,10 @@ def parse_config(blob: bytes, *, where: str) -> CohortConfig:
         phase_s={k: float(v) for k, v in phase_s.items()},
         server_lr=float(_req(doc, "server_lr", (int, float), where)),
         params=dict(doc.get("params") or {}),
+        identities={str(k): str(v) for k, v in _opt_dict(doc, "identities", where).items()},
     )
+    if not set(cfg.identities) <= set(cfg.members):
+        raise IntegrityError(f"{where}: identities for non-members")
     if cfg.mode not in MODES:
         raise IntegrityError(f"{where}: unknown mode {cfg.mode!r}")
     if not 1 <= cfg.min_members <= max(1, len(cfg.members)):
@@ -157,6 +163,10 @@ class Manifest:
     closed_by: str  # "all-members" or "deadline"
     closed_at: float
     sum_key: str = ""  # secagg input phase: the masked sum of exactly these members
+    # secagg key/share phases: the one public value per member that unmasking needs
+    # (s_pk, b64; self-mask commitment, hex), copied from the signature-verified
+    # message at close, so a finalize reads n messages instead of 3n.
+    verified: dict[str, str] = field(default_factory=dict)
 
 
 def parse_manifest(blob: bytes, *, where: str) -> Manifest:
@@ -170,7 +180,15 @@ def parse_manifest(blob: bytes, *, where: str) -> Manifest:
         closed_by=_req(doc, "closed_by", str, where),
         closed_at=float(_req(doc, "closed_at", (int, float), where)),
         sum_key=str(doc.get("sum_key", "")),
+        verified={str(k): str(v) for k, v in _opt_dict(doc, "verified", where).items()},
     )
+
+
+def _opt_dict(doc: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise IntegrityError(f"{where}: {name} must be an object")
+    return value
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 
 from fedcore import layout
 from fedcore.codec import encode_tensors
-from fedcore.errors import IntegrityError, NotFoundError, ProtocolError
+from fedcore.errors import AlreadyExistsError, IntegrityError, NotFoundError, ProtocolError
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Manifest, parse_manifest
 from fedcore.participant import Participant
@@ -91,6 +91,8 @@ class SecureRound:
         return self.p.signing_key
 
     def _identity(self, client: str) -> bytes:
+        if client in self.cfg.identities:  # pinned by the function when it formed the cohort
+            return crypto.unb64(self.cfg.identities[client], what=f"{client}'s identity", size=32)
         if client not in self._identities:
             key = layout.identity_key(client)
             self._identities[client] = parse_identity(
@@ -227,6 +229,7 @@ class SecureRound:
                     cohort_id=cid,
                     client_id=v,
                     where=key,
+                    receiver=self.me,
                 )
                 plain = crypto.decrypt_share(
                     msg.ciphertexts[self.me], private=self._c_sk, peer_public=self._peer_keys[v].c_pk,
@@ -294,6 +297,9 @@ def run_secure_cohort(
         elif me not in m.members:
             say(f"{cid}: not counted in {phase.value} (late or rejected)")
             return None
+        elif len(m.members) < cfg.min_members:
+            say(f"{cid}: only {len(m.members)} members in {phase.value}; the cohort aborts")
+            return None
         return m
 
     try:
@@ -324,5 +330,10 @@ def run_secure_cohort(
             return "abandoned"
         say(f"{cid}: unmask shares revealed for {len(u3.members)} survivors")
         return "completed"
+    except AlreadyExistsError as exc:
+        # Our slot already holds an object: an earlier run of this device, or a forgery.
+        # Write-once keys mean we cannot replace it; the function judges what is there.
+        say(f"{cid}: cannot write ({exc}); leaving the cohort")
+        return "abandoned"
     finally:
         rnd.erase()

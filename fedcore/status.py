@@ -32,6 +32,11 @@ class BucketView:
     cohorts: list[CohortView] = field(default_factory=list)
 
 
+def cohort_ids(store: ObjectStore) -> list[str]:
+    """Every cohort folder's id, oldest first (ids sort by their sequence number)."""
+    return [p[len(layout.COHORTS_PREFIX) : -1] for p in store.list_prefixes(layout.COHORTS_PREFIX)]
+
+
 def describe(store: ObjectStore, *, versions: int = 10, cohorts: int = 10) -> BucketView:
     pointer, _ = read_pointer(store)
     head = find_head(store)
@@ -48,7 +53,7 @@ def describe(store: ObjectStore, *, versions: int = 10, cohorts: int = 10) -> Bu
                 "created_at": m.created_at,
             }
         )
-    ids = [p[len(layout.COHORTS_PREFIX) : -1] for p in store.list_prefixes(layout.COHORTS_PREFIX)]
+    ids = cohort_ids(store)
     for cid in ids[-cohorts:]:
         objs = [o.key for o in store.list(layout.cohort_prefix(cid))]
         try:

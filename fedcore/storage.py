@@ -77,6 +77,8 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def delete_many(self, keys: list[str]) -> None: ...
+
     def list(
         self, prefix: str, *, start_after: str | None = None, page_size: int = ...
     ) -> Iterator[ObjectInfo]: ...
@@ -288,6 +290,24 @@ class S3Store:
             self._s3.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, key, "delete") from exc
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete up to 1,000 keys per request (DeleteObjects); missing keys are not errors."""
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            try:
+                resp = self._s3.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise self._fail(exc, batch[0], "delete_objects") from exc
+            if errors := resp.get("Errors"):
+                first = errors[0]
+                raise StorageError(
+                    f"delete_objects: {len(errors)} of {len(batch)} keys failed, first "
+                    f"{first.get('Key')}: {first.get('Code')} {first.get('Message')}"
+                )
 
     def ensure_bucket(self) -> None:
         """Create the bucket if missing (local stacks; on AWS the template owns it)."""

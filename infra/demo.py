@@ -19,6 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedcore import layout
+from fedcore.errors import NotFoundError
+from fedcore.layout import Phase
+from fedcore.messages import parse_result
+from fedcore.status import cohort_ids
+from fedcore.storage import S3Store
 from fedcore.versions import find_head, load_model
 from infra.stack import LocalStack
 
@@ -36,7 +42,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--max-samples", type=int, default=0, help="cap each device's shard (0: all)")
-    p.add_argument("--round-deadline-s", type=float, default=120.0)
+    p.add_argument(
+        "--round-deadline-s",
+        type=float,
+        default=90.0,
+        help="limit of the check-in wait and the training/input round",
+    )
+    p.add_argument(
+        "--short-round-s",
+        type=float,
+        default=15.0,
+        help="limit of the key, share and unmask rounds (secure aggregation)",
+    )
+    p.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="plaintext cohorts on server and devices (debugging and cost measurements only)",
+    )
+    p.add_argument(
+        "--drop-fraction",
+        type=float,
+        default=0.0,
+        help="each device vanishes from a cohort with this probability (dropout experiment)",
+    )
+    p.add_argument(
+        "--drop-round",
+        choices=["keys", "shares", "inputs"],
+        default="shares",
+        help="where dropped devices vanish: before advertising keys, after sharing keys, "
+        "or after uploading their masked input",
+    )
     p.add_argument("--timeout-s", type=float, default=600.0, help="give up after this long")
     p.add_argument(
         "--endpoint-url", default=None, help="use this S3 API instead of the embedded one"
@@ -47,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duplicate-events", action="store_true", help="deliver every event twice")
     p.add_argument("--shuffle-events", action="store_true", help="shuffle event delivery order")
     args = p.parse_args(argv)
+    if not 0.0 <= args.drop_fraction < 1.0:
+        p.error("--drop-fraction must be in [0, 1)")
+    if args.plaintext and args.drop_round != "inputs" and args.drop_fraction:
+        args.drop_round = "inputs"  # plaintext cohorts have only the input round
     if args.clients < args.min_cohort_size or args.cohort_size < args.min_cohort_size:
         p.error("need --clients and --cohort-size >= --min-cohort-size")
     return args
@@ -56,7 +95,11 @@ def spawn_devices(
     args: argparse.Namespace, stack: LocalStack, out: Path
 ) -> list[subprocess.Popen[bytes]]:
     env = dict(
-        os.environ, S3_ENDPOINT_URL=stack.endpoint_url, BUCKET=stack.bucket, PYTHONUNBUFFERED="1"
+        os.environ,
+        S3_ENDPOINT_URL=stack.endpoint_url,
+        BUCKET=stack.bucket,
+        PYTHONUNBUFFERED="1",
+        FL_STATE_DIR=str(out / "state"),  # each device's identity key lives here
     )
     logs = out / "devices"
     logs.mkdir(parents=True, exist_ok=True)
@@ -70,7 +113,10 @@ def spawn_devices(
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--seed", str(i), "--until-version", str(args.versions), "--poll-s", "0.5",
             "--max-samples", str(args.max_samples),
+            "--drop-prob", str(args.drop_fraction), "--drop-at", args.drop_round,
         ]  # fmt: skip
+        if args.plaintext:
+            cmd.append("--plaintext")
         log = open(logs / f"{cid}.log", "wb")  # noqa: SIM115 - closed with the process
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
@@ -89,6 +135,26 @@ def stop_devices(procs: list[subprocess.Popen[bytes]], grace_s: float = 20.0) ->
             proc.wait()
 
 
+def cohort_outcomes(store: S3Store, versions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fill each version's ``phase_s`` from its cohort's result; count applied and aborted."""
+    results = {}
+    for cid in cohort_ids(store):
+        try:
+            blob = store.get(layout.state_key(cid, Phase.RESULT)).body
+        except NotFoundError:
+            continue  # still open, or abandoned when the demo stopped
+        results[cid] = parse_result(blob, where=cid)
+    for entry in versions:
+        result = results.get(entry["cohort"])
+        entry["phase_s"] = result.phase_s if result else None
+    aborted = {c: r.reason for c, r in results.items() if r.status == "aborted"}
+    return {
+        "applied": sum(r.status == "applied" for r in results.values()),
+        "aborted": len(aborted),
+        "abort_reasons": aborted,
+    }
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -102,7 +168,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("global version")
     ax.set_ylabel("test accuracy (10,000 MNIST images)")
     cfg = report["config"]
-    ax.set_title(f"{cfg['clients']} devices, cohorts of {cfg['cohort_size']}, {cfg['partition']}")
+    mode = "plaintext" if cfg["plaintext"] else "secure aggregation"
+    ax.set_title(
+        f"{cfg['clients']} devices, cohorts of {cfg['cohort_size']}, {cfg['partition']}, {mode}"
+    )
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -129,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkin_wait_s": 10.0,
         "stuck_after_s": 30.0,
         "server_lr": args.server_lr,
+        "mode": "plaintext" if args.plaintext else "secagg",
+        "short_round_s": args.short_round_s,
     }
     t0 = time.monotonic()
     report: dict[str, Any] = {
@@ -189,15 +260,19 @@ def main(argv: list[str] | None = None) -> int:
                     "members": meta.members,
                     "num_samples": meta.num_samples,
                     "train_loss": meta.metrics.get("train_loss"),
+                    "survivors": len(meta.members),
+                    "dropouts": meta.metrics.get("dropouts", []),
+                    "phase_s": None,  # filled from the cohort's result below
                 }
                 report["versions"].append(entry)
                 print(
                     f"v{seen:<5} cohort {entry['cohort']}  staleness {meta.staleness}  "
-                    f"members {len(meta.members)}  acc {acc:.4f}  loss {loss:.4f}  {elapsed:6.1f}s",
+                    f"members {len(meta.members)}  dropouts {len(entry['dropouts'])}  acc {acc:.4f}  loss {loss:.4f}  {elapsed:6.1f}s",
                     flush=True,
                 )
         finally:
             stop_devices(procs)
+        report["cohorts"] = cohort_outcomes(stack.store, report["versions"])
         report["pump"] = {
             "events": stack.pump.stats.events if stack.pump else 0,
             "invocations": stack.pump.stats.invocations if stack.pump else 0,

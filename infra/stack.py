@@ -42,6 +42,7 @@ SETTING_ENV = {
     "secagg_clip": "SECAGG_CLIP",
     "secagg_degree": "SECAGG_DEGREE",
     "secagg_weight_cap": "SECAGG_WEIGHT_CAP",
+    "secagg_max_dropout": "SECAGG_MAX_DROPOUT",
 }
 
 

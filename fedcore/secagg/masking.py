@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from fedcore.secagg.crypto import expand_mask, pair_sign
+from fedcore.secagg.crypto import add_masks, pair_sign
 
 
 def mask_input(
@@ -22,14 +22,8 @@ def mask_input(
 ) -> np.ndarray:
     """y = q + PRG(self_seed) + sum_v sign(me, v) PRG(pair_seed_v)  (mod 2^32)."""
     y = np.array(q, dtype=np.uint32, copy=True)
-    y += expand_mask(self_seed, y.size)
-    for peer, seed in pair_seeds.items():
-        m = expand_mask(seed, y.size)
-        if pair_sign(me, peer) > 0:
-            y += m
-        else:
-            y -= m
-    return y
+    terms = [(1, self_seed)] + [(pair_sign(me, v), seed) for v, seed in pair_seeds.items()]
+    return add_masks(y, terms)
 
 
 def remove_masks(
@@ -43,12 +37,6 @@ def remove_masks(
     ``dangling`` holds (survivor u, dropped v, seed s_uv): u added sign(u, v) PRG(s_uv),
     which has no partner in the sum because v never uploaded.
     """
-    for seed in self_seeds:
-        total -= expand_mask(seed, total.size)
-    for u, v, seed in dangling:
-        m = expand_mask(seed, total.size)
-        if pair_sign(u, v) > 0:
-            total -= m
-        else:
-            total += m
-    return total
+    terms = [(-1, seed) for seed in self_seeds]
+    terms += [(-pair_sign(u, v), seed) for u, v, seed in dangling]
+    return add_masks(total, terms)

@@ -50,9 +50,15 @@ class SecAggParams:
 
     @classmethod
     def for_cohort(
-        cls, n: int, *, clip: float = 1.0, weight_cap: int = 100_000, k: int | None = None
+        cls,
+        n: int,
+        *,
+        clip: float = 1.0,
+        weight_cap: int = 100_000,
+        k: int | None = None,
+        max_dropout: float = 0.1,
     ) -> SecAggParams:
-        k = default_degree(n) if k is None else min(k, n - 1)
+        k = default_degree(n, max_dropout) if k is None else min(k, n - 1)
         return cls(
             k=k,
             t=max(1, default_threshold(k)),
@@ -221,8 +227,19 @@ def encode_shares(msg: SharesMsg, signing_key: bytes) -> bytes:
 
 
 def parse_shares(
-    blob: bytes, *, identity: bytes, cohort_id: str, client_id: str, where: str
+    blob: bytes,
+    *,
+    identity: bytes,
+    cohort_id: str,
+    client_id: str,
+    where: str,
+    receiver: str | None = None,
 ) -> SharesMsg:
+    """The verified message; with ``receiver``, only that member's ciphertext is decoded.
+
+    A device needs one ciphertext from each neighbour's message; decoding the
+    other k - 1 was a third of its unmask time at k = 32.
+    """
     doc = _verified(
         blob,
         domain=DOMAIN_SHARES,
@@ -238,15 +255,17 @@ def parse_shares(
     if not isinstance(cts, dict):
         raise IntegrityError(f"{where}: ciphertexts must be an object")
     out = {}
-    for receiver, ct in cts.items():
+    for to, ct in cts.items():
+        if receiver is not None and to != receiver:
+            continue
         try:
-            check_id(receiver, "receiver")
+            check_id(to, "receiver")
         except ValueError as exc:
             raise IntegrityError(f"{where}: {exc}") from None
-        raw = crypto.unb64(ct, what=f"{where}: ciphertext for {receiver}")
+        raw = crypto.unb64(ct, what=f"{where}: ciphertext for {to}")
         if len(raw) != SHARE_PLAINTEXT_BYTES + 28:
-            raise IntegrityError(f"{where}: ciphertext for {receiver} has {len(raw)} bytes")
-        out[receiver] = raw
+            raise IntegrityError(f"{where}: ciphertext for {to} has {len(raw)} bytes")
+        out[to] = raw
     return SharesMsg(cohort_id, client_id, commit, out)
 
 

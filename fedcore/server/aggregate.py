@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,23 +21,38 @@ from fedcore.errors import FedError
 from fedcore.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Raises IntegrityError/ProtocolError if the update's metadata contradicts its key or cohort.
 MetaCheck = Callable[[str, UpdateMeta], None]
 
 
 def stream_objects(
-    store: ObjectStore, items: Iterable[tuple[str, str]], *, concurrency: int
-) -> Iterator[tuple[str, str, Future[bytes]]]:
-    """Yield (client, key, finished download) with at most ``concurrency`` bodies in memory."""
-    pending: dict[Future[bytes], tuple[str, str]] = {}
+    store: ObjectStore,
+    items: Iterable[tuple[str, str]],
+    *,
+    concurrency: int,
+    parse: Callable[[str, str, bytes], T],
+) -> Iterator[tuple[str, str, Future[tuple[int, T]]]]:
+    """Yield (client, key, future of (size, parse(client, key, body))) as downloads finish.
+
+    At most ``concurrency`` bodies are in memory at once. ``parse`` (validation,
+    decoding, hashing) runs in the download threads, so it overlaps with the
+    other downloads and with the caller's fold; hashlib and numpy release the GIL.
+    """
+
+    def fetch(client: str, key: str) -> tuple[int, T]:
+        body = store.get(key).body
+        return len(body), parse(client, key, body)
+
+    pending: dict[Future[tuple[int, T]], tuple[str, str]] = {}
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for client, key in items:
             if len(pending) >= concurrency:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     yield (*pending.pop(fut), fut)
-            pending[pool.submit(lambda k=key: store.get(k).body)] = (client, key)
+            pending[pool.submit(fetch, client, key)] = (client, key)
         for fut in list(pending):
             yield (*pending.pop(fut), fut)
 
@@ -63,12 +79,15 @@ def weighted_mean(
     acc = {name: np.zeros(shape, dtype=np.float64) for name, (_, shape) in schema.items()}
     result = MeanResult(mean={}, total_weight=0, included=[])
 
-    def fold(client: str, key: str, fut: Future[bytes]) -> None:
+    def parse(client: str, key: str, blob: bytes) -> tuple[dict[str, np.ndarray], UpdateMeta]:
+        delta, meta = decode_update(blob, where=key, schema=schema)
+        check(client, meta)
+        return delta, meta
+
+    def fold(client: str, key: str, fut: Future[tuple[int, Any]]) -> None:
         try:
-            blob = fut.result()
-            result.bytes_read += len(blob)
-            delta, meta = decode_update(blob, where=key, schema=schema)
-            check(client, meta)
+            size, (delta, meta) = fut.result()
+            result.bytes_read += size
         except FedError as exc:
             result.rejected[client] = str(exc)
             log.warning(
@@ -81,7 +100,7 @@ def weighted_mean(
         result.included.append(client)
         result.losses[client] = float(meta.loss)
 
-    for client, key, fut in stream_objects(store, uploads, concurrency=concurrency):
+    for client, key, fut in stream_objects(store, uploads, concurrency=concurrency, parse=parse):
         fold(client, key, fut)
     if result.total_weight:
         result.mean = {k: (v / result.total_weight).astype(np.float32) for k, v in acc.items()}

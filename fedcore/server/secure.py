@@ -24,9 +24,7 @@ from fedcore.secagg import crypto, shamir
 from fedcore.secagg.masking import remove_masks
 from fedcore.secagg.protocol import (
     MASKED_TENSOR,
-    KeysMsg,
     SecAggParams,
-    SharesMsg,
     UnmaskMsg,
     commit_seed,
     member_index,
@@ -70,7 +68,7 @@ def check_masked(
         raise IntegrityError(
             f"{where}: signed for base {signed.base_version}/length {signed.length}"
         )
-    if hashlib.sha256(vec.tobytes()).hexdigest() != signed.digest:
+    if hashlib.sha256(memoryview(vec)).hexdigest() != signed.digest:
         raise IntegrityError(f"{where}: data does not match its signed digest (tampered)")
     return vec
 
@@ -86,11 +84,11 @@ def masked_sum(
     """Stream the modular sum of the valid uploads ((client, key) pairs); O(model) memory."""
     out = MaskedSum(np.zeros(length, dtype=np.uint32), [])
 
-    def fold(client: str, key: str, fut: Future[bytes]) -> None:
+    def fold(client: str, key: str, fut: Future[tuple[int, np.ndarray]]) -> None:
         try:
-            blob = fut.result()
-            out.bytes_read += len(blob)
-            out.total += check(client, key, blob)
+            size, vec = fut.result()
+            out.bytes_read += size
+            out.total += vec
         except FedError as exc:
             out.rejected[client] = str(exc)
             log.warning(
@@ -99,7 +97,7 @@ def masked_sum(
             return
         out.included.append(client)
 
-    for client, key, fut in stream_objects(store, uploads, concurrency=concurrency):
+    for client, key, fut in stream_objects(store, uploads, concurrency=concurrency, parse=check):
         fold(client, key, fut)
     out.included.sort()
     return out
@@ -135,8 +133,8 @@ def unmask(
     members: list[str],
     u2: list[str],
     u3: list[str],
-    keys: Mapping[str, KeysMsg],
-    shares: Mapping[str, SharesMsg],
+    s_pks: Mapping[str, bytes],
+    commits: Mapping[str, str],
     reveals: Mapping[str, UnmaskMsg],
 ) -> tuple[np.ndarray, dict[str, str]]:
     """Remove every mask from ``total`` (in place); returns it and the flagged bad revealers.
@@ -180,9 +178,7 @@ def unmask(
         return secret
 
     seeds = [
-        rebuild(
-            v, self_shares[v], "self-mask", lambda s, v=v: commit_seed(s) == shares[v].self_commit
-        )
+        rebuild(v, self_shares[v], "self-mask", lambda s, v=v: commit_seed(s) == commits[v])
         for v in sorted(survivors)
     ]
     dangling = []
@@ -191,10 +187,10 @@ def unmask(
             v,
             key_shares[v],
             "mask-key",
-            lambda s, v=v: len(s) == 32 and crypto.x25519_public(s) == keys[v].s_pk,
+            lambda s, v=v: len(s) == 32 and crypto.x25519_public(s) == s_pks[v],
         )
         for u in sorted(graph[v] & survivors):
-            seed = crypto.pair_mask_seed(s_sk, keys[u].s_pk, cohort_id=cohort_id, me=v, peer=u)
+            seed = crypto.pair_mask_seed(s_sk, s_pks[u], cohort_id=cohort_id, me=v, peer=u)
             dangling.append((u, v, seed))
     remove_masks(total, self_seeds=seeds, dangling=dangling)
     return total, flagged

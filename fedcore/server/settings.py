@@ -31,7 +31,8 @@ class ServerSettings:
     read_concurrency: int = 4
     short_round_s: float = 60.0  # time limit of the key, share and unmask rounds
     secagg_clip: float = 1.0  # quantization range [-clip, clip] of weight * delta
-    secagg_degree: int = 0  # neighbours per member; 0: 2*ceil(log2 n); >= n-1: all pairs
+    secagg_degree: int = 0  # neighbours per member; 0: from secagg_max_dropout; >= n-1: all pairs
+    secagg_max_dropout: float = 0.1  # dropout rate the default degree is sized for
     secagg_weight_cap: int = (
         10_000  # sample count that maps to FedAvg weight 1 (larger counts are capped)
     )
@@ -43,6 +44,8 @@ class ServerSettings:
             )
         if self.staleness_weight not in STALENESS_WEIGHTS:
             raise ValueError(f"staleness_weight must be one of {sorted(STALENESS_WEIGHTS)}")
+        if not 0.0 <= self.secagg_max_dropout < 0.5:
+            raise ValueError("secagg_max_dropout must be in [0, 0.5)")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if (
@@ -72,4 +75,5 @@ class ServerSettings:
             secagg_clip=float(e.get("SECAGG_CLIP", d.secagg_clip)),
             secagg_degree=int(e.get("SECAGG_DEGREE", d.secagg_degree)),
             secagg_weight_cap=int(e.get("SECAGG_WEIGHT_CAP", d.secagg_weight_cap)),
+            secagg_max_dropout=float(e.get("SECAGG_MAX_DROPOUT", d.secagg_max_dropout)),
         )

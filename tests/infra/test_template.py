@@ -48,6 +48,11 @@ REQUIRED_ENV = {
     "ROUND_DEADLINE_S",
     "SERVER_LR",
     "STALENESS_WEIGHT",
+    "AGGREGATION_MODE",
+    "SHORT_ROUND_S",
+    "SECAGG_CLIP",
+    "SECAGG_DEGREE",
+    "SECAGG_MAX_DROPOUT",
     "POWERTOOLS_SERVICE_NAME",
     "POWERTOOLS_METRICS_NAMESPACE",
     "POWERTOOLS_LOG_LEVEL",
@@ -336,6 +341,12 @@ def test_env_vars_the_template_sets_are_read_by_the_code(sam_template: dict[str,
         if not v.startswith("POWERTOOLS_") and f'"{v}"' not in code and f"'{v}'" not in code
     ]
     assert not unread, f"the template sets variables no code reads: {unread}"
+
+
+def test_secure_aggregation_is_the_deployed_default(sam_template: dict[str, Any]) -> None:
+    mode = sam_template["Parameters"]["AggregationMode"]
+    assert mode["Default"] == "secagg"
+    assert set(mode["AllowedValues"]) == {"secagg", "plaintext"}
 
 
 # --------------------------------------------------------------------------- structure

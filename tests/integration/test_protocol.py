@@ -217,3 +217,33 @@ def join_all_direct(store: S3Store, coord: Coordinator, clients: list[str]):  # 
     tickets = {c: p.check_in(0) for c, p in parts.items()}
     coord.form_cohorts()
     return {c: parts[c].find_cohort(tickets[c])[0] for c in clients}
+
+
+def test_formation_from_a_stale_view_never_reuses_a_taken_checkin(store: S3Store) -> None:
+    """GIVEN invocation B that listed the check-ins and cohorts just before invocation A
+    formed two cohorts from them (and A died before deleting the check-ins) WHEN B goes on
+    THEN B's config write loses, B re-lists and forms nothing: no check-in is in two cohorts.
+
+    The demo once formed such a ghost cohort, whose members were all busy elsewhere."""
+    tiny_seed(store)
+    settings = ServerSettings(cohort_size=2, min_cohort_size=2, mode="plaintext")
+    a, b = Coordinator(store, settings), Coordinator(store, settings)
+    a._delete_checkins = lambda cfg: None  # type: ignore[method-assign] # A dies before deleting
+    for c in "wxyz":
+        Participant(store, c, mode="plaintext").check_in(0)
+    stale = b._waiting
+    calls = {"n": 0}
+
+    def waiting_then_a_forms(now: float):  # type: ignore[no-untyped-def]
+        view = stale(now)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            assert len(a.form_cohorts()) == 2  # A wins while B holds its stale view
+        return view
+
+    b._waiting = waiting_then_a_forms  # type: ignore[method-assign]
+    assert b.form_cohorts() == []
+    ids = b.cohort_ids()
+    assert len(ids) == 2
+    members = [(c, n) for cid in ids for c, n in b.config(cid).members.items()]
+    assert len(members) == len(set(members)) == 4

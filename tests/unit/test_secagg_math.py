@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import os
 import secrets
 
 import numpy as np
@@ -12,7 +14,12 @@ from hypothesis import strategies as st
 
 from fedcore.errors import IntegrityError
 from fedcore.secagg import crypto, shamir
-from fedcore.secagg.graph import default_degree, default_threshold, neighbours
+from fedcore.secagg.graph import (
+    ABORT_PROBABILITY,
+    default_degree,
+    default_threshold,
+    neighbours,
+)
 from fedcore.secagg.masking import mask_input, remove_masks
 from fedcore.secagg.quantize import Quantizer, bits_for
 
@@ -70,6 +77,21 @@ def test_graph_is_symmetric_with_degree_at_least_k(n: int, k: int, seed: bytes) 
         for p in peers:
             assert m in g[p]
     assert default_threshold(default_degree(n)) <= max(1, default_degree(n))
+
+
+@given(n=st.integers(2, 400), rate=st.floats(0.0, 0.35))
+@settings(max_examples=60, deadline=None)
+def test_default_degree_survives_its_dropout_rate(n: int, rate: float) -> None:
+    """GIVEN a cohort of n sized for dropout rate r THEN k is O(log n) or all pairs, grows
+    with r, and the chance that some member keeps fewer than t live neighbours (so the
+    cohort aborts) is at most ABORT_PROBABILITY."""
+    k = default_degree(n, rate)
+    assert min(n - 1, 2 * math.ceil(math.log2(n))) <= k <= n - 1
+    assert k >= default_degree(n, max(0.0, rate - 0.05))
+    if k < n - 1:
+        t = default_threshold(k)
+        p_abort = n * sum(math.comb(k, i) * (1 - rate) ** i * rate ** (k - i) for i in range(t))
+        assert p_abort <= ABORT_PROBABILITY
 
 
 @given(
@@ -191,3 +213,21 @@ def test_pair_seed_is_symmetric(data: st.DataObject) -> None:
     s1 = crypto.pair_mask_seed(a[0], b[1], cohort_id="c9", me="a", peer="b")
     s2 = crypto.pair_mask_seed(b[0], a[1], cohort_id="c9", me="b", peer="a")
     assert s1 == s2 and s1 != crypto.pair_mask_seed(a[0], b[1], cohort_id="c8", me="a", peer="b")
+
+
+@given(
+    length=st.integers(1, 3 * crypto.MASK_CHUNK_WORDS + 7),
+    signs=st.lists(st.sampled_from([1, -1]), min_size=1, max_size=4),
+)
+@settings(max_examples=15, deadline=None)
+def test_chunked_masks_equal_whole_keystreams(length: int, signs: list[int]) -> None:
+    """GIVEN seeds and signs THEN add_masks (chunked, in place) equals adding expand_mask's
+    whole-vector keystreams, for lengths around the chunk size."""
+    seeds = [os.urandom(32) for _ in signs]
+    y0 = np.arange(length, dtype=np.uint32)
+    expected = y0.copy()
+    for sign, seed in zip(signs, seeds, strict=True):
+        m = crypto.expand_mask(seed, length)
+        expected = expected + m if sign > 0 else expected - m
+    got = crypto.add_masks(y0.copy(), list(zip(signs, seeds, strict=True)))
+    assert np.array_equal(got, expected)
