@@ -12,14 +12,19 @@ Connection settings come from flags or the environment: ``S3_ENDPOINT_URL``
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcore.errors import FedError
+
+if TYPE_CHECKING:
+    from edge_client.device import DevicePrivacy
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -106,6 +111,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where to vanish: before advertising keys, after sharing them, after uploading",
     )
 
+    dp = run.add_argument_group("differential privacy")
+    dp.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=0.0,
+        help="sample-level DP-SGD: this device's total epsilon budget (0: off)",
+    )
+    dp.add_argument("--dp-delta", type=float, default=1e-5)
+    dp.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-sample clip")
+    dp.add_argument(
+        "--dp-planned-rounds",
+        type=int,
+        default=10,
+        help="participations the DP-SGD noise is calibrated for (then the budget is spent)",
+    )
+    dp.add_argument("--dp-mode", choices=["ghost", "hooks"], default="ghost")
+    dp.add_argument(
+        "--dp-user-noise",
+        type=float,
+        default=0.0,
+        help="user-level DP: join only cohorts with at least this noise multiplier (0: off)",
+    )
+    dp.add_argument(
+        "--dp-user-clip",
+        type=float,
+        default=math.inf,
+        help="user-level DP: join only cohorts whose clip is at most this",
+    )
+    dp.add_argument(
+        "--dp-user-epsilon",
+        type=float,
+        default=10.0,
+        help="user-level DP: stop joining before this device's releases exceed this epsilon",
+    )
+
     ev = sub.add_parser("evaluate", help="test accuracy of a global version")
     _common(ev)
     _data_args(ev)
@@ -152,10 +192,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"shard {args.shard}/{args.num_shards} ({args.partition}): {len(idx)} examples",
     )
     store = S3Store.connect(args.bucket, args.endpoint_url)
+    state_dir = args.state_dir or default_state_dir(args.client_id)
     if args.plaintext:
         participant = Participant(store, args.client_id, mode="plaintext")
     else:
-        state_dir = args.state_dir or default_state_dir(args.client_id)
         participant = Participant(
             store, args.client_id, mode="secagg", signing_key=load_or_create_signing_key(state_dir)
         )
@@ -185,10 +225,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             drop_at=args.drop_at,
         ),
         stop=stop,
+        privacy=device_privacy(args, state_dir),
     )
     rounds = device.run()
     say(args.client_id, f"finished after {rounds} participation(s)")
     return 0
+
+
+def device_privacy(args: argparse.Namespace, state_dir: Path) -> DevicePrivacy | None:
+    from edge_client.device import DevicePrivacy, UserDPRequirement
+    from edge_client.privacy import SampleDPSettings
+
+    sample = (
+        SampleDPSettings(
+            target_epsilon=args.dp_epsilon,
+            delta=args.dp_delta,
+            max_grad_norm=args.dp_max_grad_norm,
+            planned_rounds=args.dp_planned_rounds,
+            grad_sample_mode=args.dp_mode,
+        )
+        if args.dp_epsilon > 0
+        else None
+    )
+    user = None
+    if args.dp_user_noise > 0:
+        if args.plaintext:
+            raise SystemExit("user-level DP noise hides under the masks: drop --plaintext")
+        user = UserDPRequirement(
+            target_epsilon=args.dp_user_epsilon,
+            delta=args.dp_delta,
+            min_noise=args.dp_user_noise,
+            max_clip=args.dp_user_clip,
+        )
+    if sample is None and user is None:
+        return None
+    return DevicePrivacy(state_dir, sample, user)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

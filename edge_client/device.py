@@ -8,22 +8,33 @@ cohort counts it as a dropout).
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from edge_client.model import build, to_numpy
+from edge_client.privacy import (
+    BudgetExhausted,
+    PrivacyState,
+    SampleDPSettings,
+    steps_per_participation,
+    train_local_dp,
+)
 from edge_client.train import TrainSettings, train_local
+from fedcore.dp.distributed import DistributedDP
 from fedcore.errors import NotFoundError, StorageError
 from fedcore.messages import CohortConfig
+from fedcore.modelspec import num_parameters
 from fedcore.participant import Participant
-from fedcore.secure_round import run_secure_cohort
+from fedcore.secure_round import SecureRound, run_secure_cohort
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,23 @@ class LoopSettings:
     cohort_timeout_s: float = 600.0
     drop_prob: float = 0.0  # chance per cohort of vanishing at ``drop_at`` (dropout experiments)
     drop_at: str = "inputs"
+
+
+@dataclass(frozen=True)
+class UserDPRequirement:
+    """What this device demands of a cohort's user-level DP, and its own cap."""
+
+    target_epsilon: float = 10.0  # total user-level epsilon this device will spend
+    delta: float = 1e-5
+    min_noise: float = 0.0  # refuse cohorts with a smaller noise multiplier
+    max_clip: float = math.inf  # refuse cohorts with a larger clip
+
+
+@dataclass(frozen=True)
+class DevicePrivacy:
+    state_dir: Path
+    sample: SampleDPSettings | None = None
+    user: UserDPRequirement | None = None
 
 
 def say(client_id: str, msg: str) -> None:
@@ -53,8 +81,12 @@ class Device:
         *,
         log: Callable[[str], None] | None = None,
         stop: threading.Event | None = None,
+        privacy: DevicePrivacy | None = None,
     ) -> None:
         self.p = participant
+        self.privacy = privacy
+        self.budget = PrivacyState.load(privacy.state_dir) if privacy else None
+        self._sigma: float | None = None
         self.x, self.y = x, y
         self.train = train
         self.loop = loop
@@ -103,6 +135,8 @@ class Device:
         latest = self._wait_for_version()
         if latest is None:
             return False
+        if not self._sample_budget_allows():
+            return False
         ticket = self.p.check_in(latest)
         self.log(f"checked in at version {latest}; waiting for a cohort")
         cfg = None
@@ -130,11 +164,14 @@ class Device:
             )
             self._last_base = cfg.base_version
             return True
+        if (refusal := self._user_dp_refusal(cfg)) is not None:
+            self.log(refusal)
+            return False
         if cfg.mode == "secagg":
             drop = self.loop.drop_at if random.random() < self.loop.drop_prob else None
             outcome = run_secure_cohort(
                 self.p, cfg, lambda: self._train(cfg), drop_at=drop, poll_s=self.loop.poll_s / 2,
-                should_stop=self.stop.is_set, say=self.log,
+                should_stop=self.stop.is_set, say=self.log, on_uploaded=self._book_release,
             )  # fmt: skip
             self.log(f"{cfg.cohort_id}: {outcome}")
         else:
@@ -145,11 +182,69 @@ class Device:
         self.rounds += 1
         return not (self.loop.max_rounds and self.rounds >= self.loop.max_rounds)
 
+    # -- privacy ------------------------------------------------------------------
+    def _sample_budget_allows(self) -> bool:
+        if self.privacy is None or self.privacy.sample is None or self.budget is None:
+            return True
+        q, steps = steps_per_participation(len(self.x), self.train)
+        try:
+            self._sigma = self.budget.plan_sample(self.privacy.sample, q, steps)
+        except BudgetExhausted as exc:
+            self.log(f"refusing to train: {exc}")
+            return False
+        return True
+
+    def _user_dp_refusal(self, cfg: CohortConfig) -> str | None:
+        """Why this device will not join ``cfg`` under its user-level DP terms, if it will not."""
+        want = self.privacy.user if self.privacy else None
+        if want is None or self.budget is None:
+            return None
+        if "dp" not in cfg.params:
+            return f"refusing {cfg.cohort_id}: it has no user-level DP and this device requires it"
+        dp = DistributedDP.from_dict(cfg.params["dp"], where=cfg.cohort_id)
+        if dp.noise_multiplier < want.min_noise or dp.clip > want.max_clip:
+            return (
+                f"refusing {cfg.cohort_id}: noise {dp.noise_multiplier} / clip {dp.clip} is weaker "
+                f"than this device's minimum noise {want.min_noise} / maximum clip {want.max_clip}"
+            )
+        try:
+            self.budget.check_user(
+                dp.worst_case_rdp(cfg.min_members, num_parameters()),
+                want.target_epsilon,
+                want.delta,
+            )
+        except BudgetExhausted as exc:
+            return f"refusing {cfg.cohort_id}: {exc}"
+        return None
+
+    def _book_release(self, rnd: SecureRound) -> None:
+        """The masked, noised update is out: its release's worst case is spent."""
+        if self.privacy is None or self.budget is None or rnd.privacy_rdp is None:
+            return
+        self.budget.user_ledger = self.budget.user_ledger.plus(rnd.privacy_rdp)
+        self.budget.save(self.privacy.state_dir)
+        self.log(f"user-level epsilon spent: {self.budget.user_epsilon():.3f}")
+
     def _train(self, cfg: CohortConfig) -> tuple[dict[str, np.ndarray], int]:
         base = self.p.fetch_model(cfg.base_version)
         model = build(base)
         t0 = time.monotonic()
-        result = train_local(model, self.x, self.y, self.train, progress=self.log)
+        sample = self.privacy.sample if self.privacy else None
+        if sample is not None and self.budget is not None and self._sigma is not None:
+            result = train_local_dp(
+                model, self.x, self.y, self.train, noise_multiplier=self._sigma,
+                max_grad_norm=sample.max_grad_norm, grad_sample_mode=sample.grad_sample_mode,
+            )  # fmt: skip
+            q, _ = steps_per_participation(len(self.x), self.train)
+            self.budget.sample_history.append([self._sigma, q, float(result.steps)])
+            self.budget.save(self.privacy.state_dir)  # type: ignore[union-attr]
+            self.log(
+                f"DP-SGD (noise {self._sigma:.3f}, clip {sample.max_grad_norm}): "
+                f"sample-level epsilon spent {self.budget.sample_epsilon():.3f} "
+                f"of {sample.target_epsilon} (delta {sample.delta})"
+            )
+        else:
+            result = train_local(model, self.x, self.y, self.train, progress=self.log)
         self._loss = result.loss
         self.log(
             f"trained {result.num_samples} samples in {time.monotonic() - t0:.1f}s, loss {result.loss:.4f}"

@@ -29,6 +29,7 @@ import numpy as np
 
 from fedcore import layout
 from fedcore.codec import encode_tensors
+from fedcore.dp.distributed import DistributedDP, secure_generator
 from fedcore.errors import AlreadyExistsError, IntegrityError, NotFoundError, ProtocolError
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Manifest, parse_manifest
@@ -80,9 +81,11 @@ class SecureRound:
         self._c_sk, self.c_pk = crypto.x25519_keypair()
         self._s_sk, self.s_pk = crypto.x25519_keypair()
         self._b: bytes | None = None
+        self._own_b_share = 0
         self._peer_keys: dict[str, KeysMsg] = {}
         self._identities: dict[str, bytes] = {}
         self.clipped = 0
+        self.privacy_rdp: list[float] | None = None  # user-level RDP this upload may spend
 
     # -- helpers ------------------------------------------------------------
     @property
@@ -147,9 +150,18 @@ class SecureRound:
                 where=key,
             )
         self._b = os.urandom(32)
+        # The holders are the live neighbours and this member itself (it keeps its own
+        # share of b in memory and reveals it when it unmasks; its share of s_sk never).
+        mine = member_index(self.members, self.me)
         xs = [member_index(self.members, v) for v in peers]
-        s_shares = shamir.split(self._s_sk, xs=xs, threshold=self.params.t) if peers else {}
-        b_shares = shamir.split(self._b, xs=xs, threshold=self.params.t) if peers else {}
+        if len(xs) + 1 < self.params.t:
+            raise ProtocolError(
+                f"{self.cfg.cohort_id}: {len(xs)} live neighbours cannot hold a "
+                f"{self.params.t}-out-of-{len(xs) + 1} sharing"
+            )
+        s_shares = shamir.split(self._s_sk, xs=[*xs, mine], threshold=self.params.t)
+        b_shares = shamir.split(self._b, xs=[*xs, mine], threshold=self.params.t)
+        self._own_b_share = b_shares[mine]
         cts = {}
         for v, x in zip(peers, xs, strict=True):
             plain = shamir.share_to_bytes(s_shares[x]) + shamir.share_to_bytes(b_shares[x])
@@ -168,10 +180,17 @@ class SecureRound:
     def upload(self, u2: Manifest, delta: Mapping[str, np.ndarray], *, num_samples: int) -> str:
         if self.me not in u2.members or self._b is None:
             raise ProtocolError(f"{self.me} is not in U2 of {self.cfg.cohort_id}")
-        weight = min(num_samples, self.params.weight_cap) / self.params.weight_cap
-        vec = flatten_weighted(delta, weight)
-        rng = np.random.default_rng(secrets.randbits(128))  # stochastic rounding only; not a secret
-        q, self.clipped = self.params.quantizer().quantize(vec, rng)
+        if "dp" in self.cfg.params:  # user-level DP: clip, quantize, add this member's noise
+            dp = DistributedDP.from_dict(self.cfg.params["dp"], where=self.cfg.cohort_id)
+            flat = flatten_weighted(delta, 1.0)[:-1]
+            q, norm = dp.privatize(flat, secure_generator())
+            self.clipped = int(norm > dp.clip)
+            self.privacy_rdp = dp.worst_case_rdp(self.cfg.min_members, flat.size)
+        else:
+            weight = min(num_samples, self.params.weight_cap) / self.params.weight_cap
+            vec = flatten_weighted(delta, weight)
+            rng = np.random.default_rng(secrets.randbits(128))  # rounding only; not a secret
+            q, self.clipped = self.params.quantizer().quantize(vec, rng)
         pair_seeds = {
             v: crypto.pair_mask_seed(
                 self._s_sk,
@@ -218,7 +237,7 @@ class SecureRound:
         if self.p.result(self.cfg.cohort_id) is not None:
             raise ProtocolError(f"{self.cfg.cohort_id}: cohort already ended; nothing to unmask")
         cid = self.cfg.cohort_id
-        self_shares: dict[str, int] = {}
+        self_shares: dict[str, int] = {self.me: self._own_b_share}
         key_shares: dict[str, int] = {}
         for v in sorted(self.neighbours & set(u2.members)):
             key = layout.member_key(cid, Kind.SHARES, v)
@@ -255,6 +274,7 @@ class SecureRound:
         """Forget every per-cohort secret (Python cannot wipe memory; we drop the references)."""
         self._c_sk = self._s_sk = b""
         self._b = None
+        self._own_b_share = 0
         self._peer_keys.clear()
 
 
@@ -277,6 +297,7 @@ def run_secure_cohort(
     slack_s: float = 30.0,
     should_stop: Callable[[], bool] = lambda: False,
     say: Callable[[str], None] = lambda m: None,
+    on_uploaded: Callable[[SecureRound], None] = lambda rnd: None,
 ) -> str:
     """Play one cohort's four rounds; returns how it ended for this device.
 
@@ -317,6 +338,7 @@ def run_secure_cohort(
         if (u2 := wait(Phase.SHARES)) is None:
             return "abandoned"
         rnd.upload(u2, delta, num_samples=num_samples)
+        on_uploaded(rnd)  # e.g. the device books the release's privacy cost
         say(f"{cid}: masked update uploaded ({num_samples} samples, {rnd.clipped} values clipped)")
         if drop_at == "inputs":
             say(f"{cid}: dropping out after uploading")

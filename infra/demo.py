@@ -10,9 +10,12 @@ This process imports torch for evaluation only; the handlers it runs do not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore import layout
+from fedcore.dp import rdp
 from fedcore.errors import NotFoundError
 from fedcore.layout import Phase
 from fedcore.messages import parse_result
@@ -79,9 +83,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bucket", default=None, help="default: a fresh fl-demo-<time> bucket")
     p.add_argument("--report", type=Path, default=Path("runs/demo/report.json"))
     p.add_argument("--eval-threads", type=int, default=1)
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=0.0,
+        help="sample-level DP-SGD on every device with this epsilon budget (0: off)",
+    )
+    p.add_argument("--dp-delta", type=float, default=1e-5)
+    p.add_argument(
+        "--dp-user-noise",
+        type=float,
+        default=0.0,
+        help="user-level distributed DP: Skellam noise multiplier of each cohort sum (0: off)",
+    )
+    p.add_argument("--dp-user-clip", type=float, default=1.0, help="user-level DP: L2 clip")
     p.add_argument("--duplicate-events", action="store_true", help="deliver every event twice")
     p.add_argument("--shuffle-events", action="store_true", help="shuffle event delivery order")
     args = p.parse_args(argv)
+    if args.dp_user_noise and args.plaintext:
+        p.error("--dp-user-noise needs secure aggregation: the noise hides under the masks")
     if not 0.0 <= args.drop_fraction < 1.0:
         p.error("--drop-fraction must be in [0, 1)")
     if args.plaintext and args.drop_round != "inputs" and args.drop_fraction:
@@ -117,6 +137,13 @@ def spawn_devices(
         ]  # fmt: skip
         if args.plaintext:
             cmd.append("--plaintext")
+        if args.dp_epsilon:
+            rounds = math.ceil(args.versions * args.cohort_size / args.clients) + 1
+            cmd += ["--dp-epsilon", str(args.dp_epsilon), "--dp-delta", str(args.dp_delta)]
+            cmd += ["--dp-planned-rounds", str(rounds)]
+        if args.dp_user_noise:
+            cmd += ["--dp-user-noise", str(args.dp_user_noise)]
+            cmd += ["--dp-user-clip", str(args.dp_user_clip), "--dp-user-epsilon", "1e9"]
         log = open(logs / f"{cid}.log", "wb")  # noqa: SIM115 - closed with the process
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
@@ -133,6 +160,37 @@ def stop_devices(procs: list[subprocess.Popen[bytes]], grace_s: float = 20.0) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def advance_ledger(ledger: rdp.Ledger, privacy: dict[str, Any] | None) -> rdp.Ledger:
+    """Compose a release's user-level RDP: the spend of a device in every release so far."""
+    user = (privacy or {}).get("user_level")
+    if not user or user.get("rdp_orders") != ledger.orders:
+        return ledger
+    return ledger.plus(user["rdp"])
+
+
+def privacy_entry(
+    privacy: dict[str, Any] | None, state_dir: Path, ledger: rdp.Ledger
+) -> dict[str, Any] | None:
+    """Epsilons next to accuracy: devices' sample-level spend and this release's user level."""
+    spent = []
+    for path in sorted(state_dir.glob("*/privacy.json")):
+        with contextlib.suppress(ValueError, OSError):
+            spent.append(float(json.loads(path.read_text())["sample_epsilon"]))
+    user = (privacy or {}).get("user_level")
+    if not spent and not user:
+        return None
+    composed = advance_ledger(ledger, privacy)
+    return {
+        "sample_epsilon_max": max(spent, default=0.0),
+        "sample_epsilon_median": statistics.median(spent) if spent else 0.0,
+        "user_epsilon": user["epsilon"] if user else 0.0,
+        "user_epsilon_all_releases": composed.epsilon(user["delta"]) if user else 0.0,
+        "user_level": {k: v for k, v in user.items() if k not in ("rdp", "rdp_orders")}
+        if user
+        else None,
+    }
 
 
 def cohort_outcomes(store: S3Store, versions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -176,6 +234,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    private = [v for v in report["versions"] if v.get("privacy")]
+    if not private:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))  # accuracy against the privacy spent so far
+    for key, label in (
+        ("sample_epsilon_max", "sample-level epsilon (max over devices)"),
+        ("user_epsilon_all_releases", "user-level epsilon (all releases composed)"),
+    ):
+        pts = [(v["privacy"][key], v["test_accuracy"]) for v in private if v["privacy"][key]]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax.set_xlabel(f"epsilon spent (delta {cfg['dp_delta']})")
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.stem + "-privacy.png"), dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         "stuck_after_s": 30.0,
         "server_lr": args.server_lr,
         "mode": "plaintext" if args.plaintext else "secagg",
+        "dp_user_noise": args.dp_user_noise,
+        "dp_user_clip": args.dp_user_clip,
+        "dp_delta": args.dp_delta,
         "short_round_s": args.short_round_s,
     }
     t0 = time.monotonic()
@@ -223,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"v0     initial model                                   acc {acc0:.4f}")
         procs = spawn_devices(args, stack, out)
         seen = 0
+        ledger = rdp.Ledger()
         last_note = time.monotonic()
         try:
             while seen < args.versions:
@@ -263,11 +343,20 @@ def main(argv: list[str] | None = None) -> int:
                     "survivors": len(meta.members),
                     "dropouts": meta.metrics.get("dropouts", []),
                     "phase_s": None,  # filled from the cohort's result below
+                    "privacy": privacy_entry(meta.metrics.get("privacy"), out / "state", ledger),
                 }
+                ledger = advance_ledger(ledger, meta.metrics.get("privacy"))
                 report["versions"].append(entry)
+                eps = entry["privacy"]
+                eps_text = (
+                    f"  eps sample {eps['sample_epsilon_max']:.2f} user {eps['user_epsilon']:.2f}"
+                    if eps
+                    else ""
+                )
                 print(
                     f"v{seen:<5} cohort {entry['cohort']}  staleness {meta.staleness}  "
-                    f"members {len(meta.members)}  dropouts {len(entry['dropouts'])}  acc {acc:.4f}  loss {loss:.4f}  {elapsed:6.1f}s",
+                    f"members {len(meta.members)}  dropouts {len(entry['dropouts'])}  acc {acc:.4f}  loss {loss:.4f}  {elapsed:6.1f}s"
+                    f"{eps_text}",
                     flush=True,
                 )
         finally:
@@ -284,6 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_time_s"] = round(time.monotonic() - t0, 2)
     args.report.write_text(json.dumps(report, indent=2))
     plot(report, args.report.with_suffix(".png"))
+    last = report["versions"][-1]["privacy"] if report["versions"] else None
+    if last:
+        print(
+            f"privacy spent: sample-level epsilon max {last['sample_epsilon_max']:.3f} "
+            f"(median {last['sample_epsilon_median']:.3f}); user-level epsilon of the last "
+            f"release {last['user_epsilon']:.3f}, all releases composed "
+            f"{last['user_epsilon_all_releases']:.3f} (delta {args.dp_delta})"
+        )
     print(
         f"final test accuracy {report['final_test_accuracy']:.4f} after {len(report['versions'])} versions "
         f"in {report['wall_time_s']:.0f}s; report {args.report}"

@@ -43,6 +43,9 @@ SETTING_ENV = {
     "secagg_degree": "SECAGG_DEGREE",
     "secagg_weight_cap": "SECAGG_WEIGHT_CAP",
     "secagg_max_dropout": "SECAGG_MAX_DROPOUT",
+    "dp_user_noise": "DP_USER_NOISE",
+    "dp_user_clip": "DP_USER_CLIP",
+    "dp_delta": "DP_DELTA",
 }
 
 

@@ -22,7 +22,7 @@ ABORT_PROBABILITY = 1e-6
 def default_degree(n: int, max_dropout: float = 0.1) -> int:
     """The smallest even k >= 2 * ceil(log2 n) that survives ``max_dropout``.
 
-    Unmasking member v needs t = k/2 + 1 of v's k neighbours alive. With each
+    Unmasking member v needs t (see ``default_threshold``) of v's k neighbours alive. With each
     member dropping independently with probability ``max_dropout``, k is the
     least degree for which n * P(Binomial(k, 1 - max_dropout) < t) is at most
     ``ABORT_PROBABILITY``. For a fixed rate k still grows as O(log n), but the
@@ -40,14 +40,21 @@ def default_degree(n: int, max_dropout: float = 0.1) -> int:
 
 
 def _too_few_alive(k: int, p_alive: float) -> float:
-    """P(Binomial(k, p_alive) < k // 2 + 1)."""
+    """P(Binomial(k, p_alive) < t): too few live neighbours (the member's own share of its
+    seed is not counted, so this also covers the key of a member that dropped)."""
     t = default_threshold(k)
     return sum(math.comb(k, i) * p_alive**i * (1 - p_alive) ** (k - i) for i in range(t))
 
 
 def default_threshold(k: int) -> int:
-    """t = floor(k/2) + 1: a majority of a member's neighbours must cooperate to unmask it."""
-    return k // 2 + 1
+    """t = floor((k+1)/2) + 1: a strict majority of a member's k+1 share holders.
+
+    Each member holds a share of its own secrets besides its k neighbours (as
+    in Bonawitz et al.'s all-pairs protocol), so a cohort of 5 survives two
+    dropouts. A majority is what makes "never both kinds of share" binding:
+    honest holders reveal one kind each, so no server can collect t of each.
+    """
+    return (k + 1) // 2 + 1
 
 
 def neighbours(members: list[str], *, k: int, seed: bytes) -> dict[str, set[str]]:

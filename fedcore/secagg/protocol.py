@@ -35,8 +35,9 @@ MAX_MESSAGE_BYTES = 1 << 20
 class SecAggParams:
     """Per-cohort parameters, fixed in the write-once config.
 
-    k: neighbour degree (k = n-1: all pairs); t: Shamir threshold (t > k/2 so
-    the server plus a minority of a member's neighbours learn nothing);
+    k: neighbour degree (k = n-1: all pairs); t: Shamir threshold over a member's
+    k + 1 share holders (its neighbours and itself), a strict majority, so the
+    server plus a minority of them learn nothing;
     clip and bits: quantization (bits leave headroom so n values cannot wrap
     mod 2^32); weight_cap: the sample count that maps to weight 1.
     """
@@ -57,6 +58,7 @@ class SecAggParams:
         weight_cap: int = 100_000,
         k: int | None = None,
         max_dropout: float = 0.1,
+        bits: int | None = None,
     ) -> SecAggParams:
         k = default_degree(n, max_dropout) if k is None else min(k, n - 1)
         return cls(
@@ -64,14 +66,14 @@ class SecAggParams:
             t=max(1, default_threshold(k)),
             graph_seed=secrets.token_hex(16),
             clip=clip,
-            bits=bits_for(n),
+            bits=bits_for(n) if bits is None else min(bits, bits_for(n)),
             weight_cap=weight_cap,
         )
 
     def validate(self, n: int, *, where: str) -> None:
         ok = (
             1 <= self.k <= max(1, n - 1)
-            and 1 <= self.t <= max(1, self.k)
+            and 1 <= self.t <= self.k + 1
             and self.clip > 0
             and math.isfinite(self.clip)
             and 1 <= self.bits <= bits_for(n)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from typing import Any
 
 from fedcore import layout
 from fedcore.codec import UpdateMeta
+from fedcore.dp.distributed import DistributedDP
 from fedcore.errors import (
     AlreadyExistsError,
     FedError,
@@ -315,13 +317,28 @@ class Coordinator:
         params: dict[str, Any] = {"staleness_weight": s.staleness_weight}
         if s.mode == "secagg":
             k = s.secagg_degree or None
+            n = len(chosen)
+            clip, bits = s.secagg_clip, None
+            if s.dp_user_noise > 0:
+                dp = DistributedDP.for_cohort(
+                    clip=s.dp_user_clip,
+                    noise_multiplier=s.dp_user_noise,
+                    delta=s.dp_delta,
+                    n=n,
+                    min_survivors=max(
+                        min(s.min_cohort_size, n), math.ceil(n * (1 - s.secagg_max_dropout))
+                    ),
+                )
+                params["dp"] = dp.to_dict()
+                clip, bits = dp.clip, dp.bits
             params["secagg"] = asdict(
                 SecAggParams.for_cohort(
-                    len(chosen),
-                    clip=s.secagg_clip,
+                    n,
+                    clip=clip,
                     k=k,
                     weight_cap=s.secagg_weight_cap,
                     max_dropout=s.secagg_max_dropout,
+                    bits=bits,
                 )
             )
             phase_s = {p.value: s.short_round_s for p in PHASES["secagg"]}
@@ -506,7 +523,7 @@ class Coordinator:
             msg = parse_unmask(blob, **ids)
             u2 = set(self.expected(cid, cfg, Phase.INPUTS) or [])
             u3 = set(self.expected(cid, cfg, Phase.UNMASK) or [])
-            if not set(msg.self_shares) <= graph[client] & u3:
+            if not set(msg.self_shares) <= (graph[client] | {client}) & u3:
                 raise IntegrityError(
                     f"{key}: self-mask shares for non-survivors {sorted(set(msg.self_shares) - u3)}"
                 )
@@ -752,7 +769,16 @@ class Coordinator:
                 total, cohort_id=cid, params=params, members=sorted(cfg.members),
                 u2=u2, u3=u3, s_pks=s_pks, commits=commits, reveals=reveals,
             )  # fmt: skip
-            mean, weight = secure.decode_mean(total, params=params, count=len(u3), schema=schema)
+            privacy: dict[str, Any] = {}
+            if "dp" in cfg.params:
+                dp = DistributedDP.from_dict(cfg.params["dp"], where=cid)
+                mean = secure.decode_dp_mean(total, dp=dp, count=len(u3), schema=schema)
+                weight = len(u3) / params.weight_cap  # members count equally under DP
+                privacy = {"user_level": dp.release(len(u3), length - 1)}
+            else:
+                mean, weight = secure.decode_mean(
+                    total, params=params, count=len(u3), schema=schema
+                )
         except (secure.UnmaskError, IntegrityError, NotFoundError) as exc:
             return self._abort(cfg, f"cannot unmask: {exc}", {})
         for client, why in flagged.items():
@@ -770,7 +796,7 @@ class Coordinator:
             sorted(u3),
             round(weight * params.weight_cap),
             rejected,
-            {"total_weight": weight},
+            {"total_weight": weight, **({"privacy": privacy} if privacy else {})},
         )
 
     def _abort(self, cfg: CohortConfig, reason: str, rejected: dict[str, str]) -> str:

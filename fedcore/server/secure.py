@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcore.codec import check_schema, decode_tensors, encode_tensors, parse_header
+from fedcore.dp.distributed import DistributedDP
 from fedcore.errors import FedError, IntegrityError
 from fedcore.secagg import crypto, shamir
 from fedcore.secagg.masking import remove_masks
@@ -153,7 +154,7 @@ def unmask(
                 raise UnmaskError(
                     f"{u} revealed a self-mask share of dropped member {v}: both kinds requested"
                 )
-            if v in survivors and v in graph[u]:
+            if v in survivors and (v in graph[u] or v == u):  # a member holds its own share
                 self_shares[v][member_index(members, u)] = y
         for v, y in msg.key_shares.items():
             if v in survivors:
@@ -208,14 +209,39 @@ def decode_mean(
     weight = float(sums[-1])
     if not weight > 0:
         raise UnmaskError(f"decoded total weight {weight} is not positive")
+    return unflatten(sums[:-1] / weight, schema), weight
+
+
+def decode_dp_mean(
+    total: np.ndarray,
+    *,
+    dp: DistributedDP,
+    count: int,
+    schema: Mapping[str, tuple[str, tuple[int, ...]]],
+) -> dict[str, np.ndarray]:
+    """Unweighted mean of ``count`` members' clipped, noised deltas (user-level DP).
+
+    Every member's weight slot must hold the code of 1: a member that claims a
+    larger weight would escape the clip, so the cohort aborts instead.
+    """
+    one = round((1.0 + dp.clip) / dp.step)
+    if int(total[-1]) != (count * one) % 2**32:
+        raise UnmaskError("weight slot is not the survivor count: some member did not use weight 1")
+    return unflatten(dp.decode_sum(total, count) / count, schema)
+
+
+def unflatten(
+    vec: np.ndarray, schema: Mapping[str, tuple[str, tuple[int, ...]]]
+) -> dict[str, np.ndarray]:
+    """Tensors from a vector laid out in sorted-name order (float32)."""
     out: dict[str, np.ndarray] = {}
     offset = 0
     for name in sorted(schema):
         shape = schema[name][1]
         size = int(np.prod(shape))
-        out[name] = (sums[offset : offset + size] / weight).astype(np.float32).reshape(shape)
+        out[name] = vec[offset : offset + size].astype(np.float32).reshape(shape)
         offset += size
-    return out, weight
+    return out
 
 
 def vector_length(schema: Mapping[str, tuple[str, tuple[int, ...]]]) -> int:

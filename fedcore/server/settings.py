@@ -33,6 +33,9 @@ class ServerSettings:
     secagg_clip: float = 1.0  # quantization range [-clip, clip] of weight * delta
     secagg_degree: int = 0  # neighbours per member; 0: from secagg_max_dropout; >= n-1: all pairs
     secagg_max_dropout: float = 0.1  # dropout rate the default degree is sized for
+    dp_user_noise: float = 0.0  # user-level DP noise multiplier z (0: off); needs secagg
+    dp_user_clip: float = 1.0  # L2 bound C of each member's delta under user-level DP
+    dp_delta: float = 1e-5
     secagg_weight_cap: int = (
         10_000  # sample count that maps to FedAvg weight 1 (larger counts are capped)
     )
@@ -46,6 +49,12 @@ class ServerSettings:
             raise ValueError(f"staleness_weight must be one of {sorted(STALENESS_WEIGHTS)}")
         if not 0.0 <= self.secagg_max_dropout < 0.5:
             raise ValueError("secagg_max_dropout must be in [0, 0.5)")
+        if self.dp_user_noise < 0 or self.dp_user_clip <= 0 or not 0 < self.dp_delta < 1:
+            raise ValueError("need dp_user_noise >= 0, dp_user_clip > 0 and 0 < dp_delta < 1")
+        if self.dp_user_noise > 0 and self.mode != "secagg":
+            raise ValueError(
+                "user-level distributed DP adds noise under the masks: it needs AGGREGATION_MODE=secagg"
+            )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if (
@@ -76,4 +85,7 @@ class ServerSettings:
             secagg_degree=int(e.get("SECAGG_DEGREE", d.secagg_degree)),
             secagg_weight_cap=int(e.get("SECAGG_WEIGHT_CAP", d.secagg_weight_cap)),
             secagg_max_dropout=float(e.get("SECAGG_MAX_DROPOUT", d.secagg_max_dropout)),
+            dp_user_noise=float(e.get("DP_USER_NOISE", d.dp_user_noise)),
+            dp_user_clip=float(e.get("DP_USER_CLIP", d.dp_user_clip)),
+            dp_delta=float(e.get("DP_DELTA", d.dp_delta)),
         )

@@ -7,6 +7,7 @@ of the members that were counted, within the quantization bound.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -125,6 +126,17 @@ def test_dropouts_at_each_round_match_plaintext_mean(stack, store: S3Store) -> N
     assert_consistent(store)
 
 
+def test_forty_percent_dropout_applies_with_self_held_shares(stack, store: S3Store) -> None:  # type: ignore[no-untyped-def]
+    """GIVEN 4 of 10 vanishing after sharing keys (k = 9, t = 6 of 10 holders) THEN every
+    survivor's self mask is rebuilt from 5 other survivors plus its own share, and the
+    cohort applies the survivors' mean (regression: the demo aborted a cohort of 5 with
+    2 dropouts when members did not hold their own shares)."""
+    clients = sorted(SAMPLES)
+    dropped = clients[:4]
+    cfg, _ = run_cohort(store, 0, {c: "shares" for c in dropped})
+    check_applied(store, cfg, clients[4:], 0)
+
+
 def test_too_few_survivors_aborts_and_next_cohort_proceeds(stack, store: S3Store, caplog) -> None:  # type: ignore[no-untyped-def]
     """GIVEN 6 of 10 vanish after sharing (4 < minimum 5) THEN the cohort aborts without an
     unmask round (no share is revealed) and the next cohort applies normally."""
@@ -216,3 +228,41 @@ def test_hostile_objects_are_rejected_as_dropouts(
         "forged-shares": "bad signature",
     }[attack]
     assert reason in text and victim in text
+
+
+def test_user_level_dp_noise_survives_dropouts_and_is_accounted(
+    s3_endpoint: str, store: S3Store
+) -> None:
+    """GIVEN user-level distributed DP (z = 0.5, C = 1) sized for 10% dropouts WHEN 2 of 10
+    members vanish after sharing keys THEN the cohort applies the unweighted mean of the 8
+    survivors' clipped deltas plus noise of std z*C*sqrt(8/9)/8, and the version's metadata
+    states the mechanism, the survivors and the epsilon of that release."""
+    seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
+    settings = {
+        "mode": "secagg", "cohort_size": N, "min_cohort_size": 5, "short_round_s": 1.0,
+        "round_deadline_s": 3.0, "stuck_after_s": 5.0, "dp_user_noise": 0.5,
+        "dp_user_clip": 1.0, "secagg_max_dropout": 0.1,
+    }  # fmt: skip
+    clients = sorted(SAMPLES)
+    with LocalStack(
+        endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, sweep_interval_s=0.2
+    ):
+        cfg, _ = run_cohort(store, 0, {c: "shares" for c in clients[:2]})
+    assert cfg.params["dp"]["expected_survivors"] == 9
+    survivors = clients[2:]
+    res = participant(store, "s00").result(cfg.cohort_id)
+    assert res is not None and res.status == "applied" and res.included == survivors
+    new, meta, _ = load_model(store, res.version)
+    user = meta.metrics["privacy"]["user_level"]
+    assert user["mechanism"] == "skellam" and user["survivors"] == 8
+    assert user["effective_noise_multiplier"] == pytest.approx(0.5 * (8 / 9) ** 0.5, rel=1e-6)
+    assert 0 < user["epsilon"] < math.inf and user["delta"] == 1e-5
+    sigma = 0.5 * (8 / 9) ** 0.5 / 8  # noise std of the mean, per coordinate
+    for k in TINY:
+        clipped = []
+        for c in survivors:
+            d = delta_for(c, TINY, 0.05)
+            norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in d.values()))
+            clipped.append(d[k].astype(np.float64) * min(1.0, 1.0 / norm))
+        got = new[k].astype(np.float64) / meta.weight
+        assert np.all(np.abs(got - np.mean(clipped, axis=0)) < 6 * sigma)

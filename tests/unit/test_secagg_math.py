@@ -76,7 +76,8 @@ def test_graph_is_symmetric_with_degree_at_least_k(n: int, k: int, seed: bytes) 
         assert len(peers) >= min(k, n - 1)
         for p in peers:
             assert m in g[p]
-    assert default_threshold(default_degree(n)) <= max(1, default_degree(n))
+    k = default_degree(n)
+    assert k // 2 < default_threshold(k) <= k + 1
 
 
 @given(n=st.integers(2, 400), rate=st.floats(0.0, 0.35))

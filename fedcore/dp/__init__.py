@@ -1,0 +1,1 @@
+"""Differential privacy: accounting (torch-free) and distributed integer noise."""
