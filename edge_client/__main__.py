@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--lr", type=float, default=0.05)
     run.add_argument("--momentum", type=float, default=0.9)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=0.0,
+        help="clip each local step's gradient norm (0: off; not DP, a guard against divergence)",
+    )
     run.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     run.add_argument(
         "--max-rounds", type=int, default=0, help="stop after this many participations (0: none)"
@@ -215,7 +221,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         participant,
         mnist.train_x[idx],
         mnist.train_y[idx],
-        TrainSettings(args.epochs, args.batch_size, args.lr, args.momentum, args.seed),
+        TrainSettings(
+            args.epochs, args.batch_size, args.lr, args.momentum, args.seed, args.max_grad_norm
+        ),
         LoopSettings(
             max_rounds=args.max_rounds,
             until_version=args.until_version,

@@ -30,7 +30,7 @@ from edge_client.privacy import (
 )
 from edge_client.train import TrainSettings, train_local
 from fedcore.dp.distributed import DistributedDP
-from fedcore.errors import NotFoundError, StorageError
+from fedcore.errors import NotFoundError, StorageError, UnusableUpdateError
 from fedcore.messages import CohortConfig
 from fedcore.modelspec import num_parameters
 from fedcore.participant import Participant
@@ -175,7 +175,12 @@ class Device:
             )  # fmt: skip
             self.log(f"{cfg.cohort_id}: {outcome}")
         else:
-            delta, n = self._train(cfg)
+            try:
+                delta, n = self._train(cfg)
+            except UnusableUpdateError as exc:
+                self.log(f"{cfg.cohort_id}: {exc}")
+                self._last_base = cfg.base_version
+                return True
             self.p.upload_plain(cfg, delta, num_samples=n, loss=self._loss)
             self.log(f"uploaded update to {cfg.cohort_id} (plaintext)")
         self._last_base = cfg.base_version
@@ -249,7 +254,13 @@ class Device:
         self.log(
             f"trained {result.num_samples} samples in {time.monotonic() - t0:.1f}s, loss {result.loss:.4f}"
         )
-        return {k: v - base[k] for k, v in to_numpy(model).items()}, result.num_samples
+        delta = {k: v - base[k] for k, v in to_numpy(model).items()}
+        if not all(np.isfinite(v).all() for v in delta.values()):
+            raise UnusableUpdateError(
+                f"training from version {cfg.base_version} diverged (loss {result.loss:.4g}); "
+                "sitting this cohort out"
+            )
+        return delta, result.num_samples
 
     def run(self) -> int:
         torch.manual_seed(self.train.seed)

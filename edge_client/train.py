@@ -22,6 +22,7 @@ class TrainSettings:
     lr: float = 0.05
     momentum: float = 0.9
     seed: int = 0
+    max_grad_norm: float = 0.0  # clip each step's gradient norm (0: off); guards divergence
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.momentum < 1:
@@ -66,6 +67,8 @@ def train_local(
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xs[idx]), ys[idx])
             loss.backward()
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             opt.step()
             total += loss.item() * len(idx)
             count += len(idx)

@@ -50,3 +50,10 @@ class ProtocolError(FedError):
 
 class UnknownKeyError(FedError):
     """A key does not match any name in the bucket layout."""
+
+
+class UnusableUpdateError(FedError):
+    """This device's own update cannot be sent (training diverged to NaN or infinity).
+
+    The device sits the cohort out (a dropout) instead of crashing or uploading garbage.
+    """

@@ -30,7 +30,13 @@ import numpy as np
 from fedcore import layout
 from fedcore.codec import encode_tensors
 from fedcore.dp.distributed import DistributedDP, secure_generator
-from fedcore.errors import AlreadyExistsError, IntegrityError, NotFoundError, ProtocolError
+from fedcore.errors import (
+    AlreadyExistsError,
+    IntegrityError,
+    NotFoundError,
+    ProtocolError,
+    UnusableUpdateError,
+)
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Manifest, parse_manifest
 from fedcore.participant import Participant
@@ -352,6 +358,9 @@ def run_secure_cohort(
             return "abandoned"
         say(f"{cid}: unmask shares revealed for {len(u3.members)} survivors")
         return "completed"
+    except UnusableUpdateError as exc:
+        say(f"{cid}: {exc}")
+        return "abandoned"
     except AlreadyExistsError as exc:
         # Our slot already holds an object: an earlier run of this device, or a forgery.
         # Write-once keys mean we cannot replace it; the function judges what is there.

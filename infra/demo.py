@@ -32,6 +32,9 @@ from fedcore.storage import S3Store
 from fedcore.versions import find_head, load_model
 from infra.stack import LocalStack
 
+PLAIN_TRAINING = {"epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9}
+DP_TRAINING = {"epochs": 2, "batch_size": 256, "lr": 2.0, "momentum": 0.0}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infra.demo", description=__doc__)
@@ -41,9 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--versions", type=int, default=8, help="stop after this many new versions")
     p.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default="iid")
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
+    # Local training; None picks the defaults below, or DP_TRAINING's under --dp-epsilon.
+    p.add_argument("--epochs", type=int, default=None, help="default 1 (DP-SGD: 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 (DP-SGD: 256)")
+    p.add_argument("--lr", type=float, default=None, help="default 0.05 (DP-SGD: 2.0)")
+    p.add_argument("--momentum", type=float, default=None, help="default 0.9 (DP-SGD: 0)")
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--max-samples", type=int, default=0, help="cap each device's shard (0: all)")
     p.add_argument(
@@ -100,6 +105,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duplicate-events", action="store_true", help="deliver every event twice")
     p.add_argument("--shuffle-events", action="store_true", help="shuffle event delivery order")
     args = p.parse_args(argv)
+    # DP-SGD wants large batches, no momentum and a larger step (the noise's norm grows
+    # with the model's 1.2M dimensions and shrinks with the batch).
+    base = DP_TRAINING if args.dp_epsilon else PLAIN_TRAINING
+    for name, value in base.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.dp_user_noise and args.plaintext:
         p.error("--dp-user-noise needs secure aggregation: the noise hides under the masks")
     if not 0.0 <= args.drop_fraction < 1.0:
@@ -131,6 +142,7 @@ def spawn_devices(
             "--client-id", cid, "--num-shards", str(args.clients), "--shard", str(i),
             "--partition", args.partition, "--alpha", str(args.alpha),
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+            "--momentum", str(args.momentum),
             "--seed", str(i), "--until-version", str(args.versions), "--poll-s", "0.5",
             "--max-samples", str(args.max_samples),
             "--drop-prob", str(args.drop_fraction), "--drop-at", args.drop_round,
@@ -142,6 +154,8 @@ def spawn_devices(
             cmd += ["--dp-epsilon", str(args.dp_epsilon), "--dp-delta", str(args.dp_delta)]
             cmd += ["--dp-planned-rounds", str(rounds)]
         if args.dp_user_noise:
+            # The noisy global model has large weights: keep local steps finite.
+            cmd += ["--max-grad-norm", "1.0"]
             cmd += ["--dp-user-noise", str(args.dp_user_noise)]
             cmd += ["--dp-user-clip", str(args.dp_user_clip), "--dp-user-epsilon", "1e9"]
         log = open(logs / f"{cid}.log", "wb")  # noqa: SIM115 - closed with the process

@@ -32,6 +32,7 @@ import numpy as np
 
 from fedcore.dp import rdp
 from fedcore.errors import IntegrityError
+from fedcore.secagg.quantize import Quantizer
 
 MECHANISM = "skellam"
 TAIL_SIGMAS = 12  # headroom, in noise standard deviations, against wrapping mod 2^32
@@ -89,14 +90,18 @@ class DistributedDP:
     def to_dict(self) -> dict[str, Any]:
         return {"mechanism": MECHANISM, **asdict(self)}
 
-    # -- the integer code -------------------------------------------------------
+    # -- the integer code (the secure-aggregation quantizer, range [-C, C]) ----------
+    @property
+    def quantizer(self) -> Quantizer:
+        return Quantizer(clip=self.clip, bits=self.bits)
+
     @property
     def levels(self) -> int:
-        return 2**self.bits - 1
+        return self.quantizer.levels
 
     @property
     def step(self) -> float:
-        return 2.0 * self.clip / self.levels
+        return self.quantizer.step
 
     @property
     def member_variance(self) -> float:
@@ -124,9 +129,7 @@ class DistributedDP:
         norm = float(np.linalg.norm(x))
         if norm > self.clip:
             x = x * (self.clip / norm)
-        scaled = (np.clip(x, -self.clip, self.clip) + self.clip) / self.step
-        low = np.floor(scaled)
-        codes = (low + (rng.random(scaled.shape) < (scaled - low))).astype(np.int64)
+        codes = self.quantizer.quantize(x, rng)[0].astype(np.int64)
         codes += skellam_noise(codes.size, self.member_variance, rng)
         weight = round((1.0 + self.clip) / self.step)  # the code of 1.0: survivors are counted
         out = np.empty(codes.size + 1, dtype=np.uint32)

@@ -27,6 +27,7 @@ from tests.helpers import TINY, assert_consistent, delta_for, join_all, particip
 
 N = 10
 WEIGHT_CAP = 100
+ROUND_S = 5.0
 SAMPLES = {f"s{i:02d}": 10 + 5 * i for i in range(N)}
 
 
@@ -37,8 +38,10 @@ def stack(s3_endpoint: str, store: S3Store):  # type: ignore[no-untyped-def]
         "mode": "secagg",
         "cohort_size": N,
         "min_cohort_size": 5,
-        "short_round_s": 1.0,
-        "round_deadline_s": 3.0,
+        # Deadlines only close rounds that someone left: generous enough that a loaded
+        # 2-core CI machine never misses one (a 1 s key round once closed empty).
+        "short_round_s": ROUND_S,
+        "round_deadline_s": ROUND_S,
         "secagg_weight_cap": WEIGHT_CAP,
         "stuck_after_s": 5.0,
     }
@@ -239,8 +242,8 @@ def test_user_level_dp_noise_survives_dropouts_and_is_accounted(
     states the mechanism, the survivors and the epsilon of that release."""
     seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
     settings = {
-        "mode": "secagg", "cohort_size": N, "min_cohort_size": 5, "short_round_s": 1.0,
-        "round_deadline_s": 3.0, "stuck_after_s": 5.0, "dp_user_noise": 0.5,
+        "mode": "secagg", "cohort_size": N, "min_cohort_size": 5, "short_round_s": ROUND_S,
+        "round_deadline_s": ROUND_S, "stuck_after_s": 5.0, "dp_user_noise": 0.5,
         "dp_user_clip": 1.0, "secagg_max_dropout": 0.1,
     }  # fmt: skip
     clients = sorted(SAMPLES)
