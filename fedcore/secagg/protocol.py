@@ -231,7 +231,7 @@ def encode_shares(msg: SharesMsg, signing_key: bytes) -> bytes:
 def parse_shares(
     blob: bytes,
     *,
-    identity: bytes,
+    identity: bytes | None,
     cohort_id: str,
     client_id: str,
     where: str,
@@ -240,16 +240,26 @@ def parse_shares(
     """The verified message; with ``receiver``, only that member's ciphertext is decoded.
 
     A device needs one ciphertext from each neighbour's message; decoding the
-    other k - 1 was a third of its unmask time at k = 32.
+    other k - 1 was a third of its unmask time at k = 32. A receiver may also
+    pass ``identity=None`` to skip the signature: its ciphertext is AES-GCM
+    under a key only it and the sender can derive (from the sender's signed
+    round-1 key), with cohort, sender and receiver bound in, so decrypting it
+    authenticates it. The function, which reads every ciphertext, always checks.
     """
-    doc = _verified(
-        blob,
-        domain=DOMAIN_SHARES,
-        identity=identity,
-        cohort_id=cohort_id,
-        client_id=client_id,
-        where=where,
-    )
+    if identity is None and receiver is None:
+        raise ValueError("only a receiver may rely on the AEAD instead of the signature")
+    if identity is None:
+        doc = _load(blob, where)
+        _check_sender(doc, cohort_id=cohort_id, client_id=client_id, where=where)
+    else:
+        doc = _verified(
+            blob,
+            domain=DOMAIN_SHARES,
+            identity=identity,
+            cohort_id=cohort_id,
+            client_id=client_id,
+            where=where,
+        )
     commit = doc.get("self_commit")
     if not (isinstance(commit, str) and len(commit) == 64):
         raise IntegrityError(f"{where}: self_commit must be a sha256 hex digest")

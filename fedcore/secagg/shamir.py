@@ -65,16 +65,49 @@ def split(secret: bytes, *, xs: list[int], threshold: int) -> dict[int, int]:
     return shares
 
 
-def _interpolate_at(points: list[tuple[int, int]], at: int) -> int:
-    total = 0
-    for i, (xi, yi) in enumerate(points):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(points):
-            if i != j:
-                num = num * (at - xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
-    return total
+def _batch_inverse(values: list[int]) -> list[int]:
+    """Modular inverses of nonzero values with one exponentiation (Montgomery's trick)."""
+    prefix = [1]
+    for v in values:
+        prefix.append(prefix[-1] * v % PRIME)
+    inv = pow(prefix[-1], -1, PRIME)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inv * prefix[i] % PRIME
+        inv = inv * values[i] % PRIME
+    return out
+
+
+class _Interpolator:
+    """The polynomial through ``points`` in barycentric form: O(t) per evaluation.
+
+    Checking every extra share against t base shares was t^2 multiplications
+    and t inversions per share; the weights are computed once instead.
+    """
+
+    def __init__(self, points: list[tuple[int, int]]) -> None:
+        self.xs = [x for x, _ in points]
+        self.ys = [y for _, y in points]
+        dens = []
+        for i, xi in enumerate(self.xs):
+            d = 1
+            for j, xj in enumerate(self.xs):
+                if i != j:
+                    d = d * (xi - xj) % PRIME
+            dens.append(d)
+        self.weights = _batch_inverse(dens)
+
+    def at(self, x: int) -> int:
+        if x in self.xs:
+            return self.ys[self.xs.index(x)]
+        diffs = [(x - xj) % PRIME for xj in self.xs]
+        ell = 1
+        for d in diffs:
+            ell = ell * d % PRIME
+        total = 0
+        for w, y, inv in zip(self.weights, self.ys, _batch_inverse(diffs), strict=True):
+            total = (total + w * y % PRIME * inv) % PRIME
+        return ell * total % PRIME
 
 
 def reconstruct(shares: Mapping[int, int], *, threshold: int) -> bytes:
@@ -85,11 +118,11 @@ def reconstruct(shares: Mapping[int, int], *, threshold: int) -> bytes:
     for x, y in points:
         if not (0 < x < PRIME and 0 <= y < PRIME):
             raise InconsistentSharesError(f"share at x={x} is out of the field")
-    base = points[:threshold]
+    poly = _Interpolator(points[:threshold])
     for x, y in points[threshold:]:
-        if _interpolate_at(base, x) != y:
+        if poly.at(x) != y:
             raise InconsistentSharesError(f"share at x={x} is inconsistent with the others")
-    return _decode(_interpolate_at(base, 0))
+    return _decode(poly.at(0))
 
 
 def reconstruct_robust(
