@@ -197,6 +197,7 @@ def _plain_round(job: dict[str, Any]) -> list[np.ndarray]:
     from edge_client.data import load_mnist
     from edge_client.model import build, to_numpy
     from edge_client.train import TrainSettings, train_local
+    from fedcore.secure_round import flatten_weighted
 
     _torch_setup()
     mnist = load_mnist()
@@ -208,11 +209,8 @@ def _plain_round(job: dict[str, Any]) -> list[np.ndarray]:
         )
         train_local(model, mnist.train_x[idx], mnist.train_y[idx], settings)
         new = to_numpy(model)
-        out.append(
-            np.concatenate([(new[k] - job["params"][k]).ravel() for k in sorted(new)]).astype(
-                np.float64
-            )
-        )
+        # The device's own layout: parameters in sorted-name order (weight slot dropped).
+        out.append(flatten_weighted({k: new[k] - job["params"][k] for k in new}, 1.0)[:-1])
     return out
 
 
@@ -232,6 +230,7 @@ def user_level(
     from fedcore.dp import rdp
     from fedcore.dp.distributed import DistributedDP, secure_generator
     from fedcore.modelspec import init_params
+    from fedcore.server.secure import unflatten
 
     _torch_setup()
     mnist = load_mnist()
@@ -240,7 +239,7 @@ def user_level(
     with ProcessPoolExecutor(max_workers=2) as pool:
         for z in noises:
             params = init_params(seed=0)
-            names = sorted(params)
+            schema = {k: ("F32", v.shape) for k, v in params.items()}
             ledger = rdp.Ledger()
             curve = []
             t0 = time.perf_counter()
@@ -268,14 +267,8 @@ def user_level(
                 else:  # no noise: the same clipped mean, for reference
                     mean = np.mean([d * min(1.0, clip / np.linalg.norm(d)) for d in deltas], axis=0)
                     eps = math.inf
-                offset = 0
-                for k in names:
-                    size = params[k].size
-                    params[k] = (
-                        params[k]
-                        + server_lr * mean[offset : offset + size].reshape(params[k].shape)
-                    ).astype(np.float32)
-                    offset += size
+                step = unflatten(mean, schema)  # the function's decoding layout
+                params = {k: (params[k] + server_lr * step[k]).astype(np.float32) for k in params}
                 acc, _ = evaluate(build(params), mnist.test_x, mnist.test_y)
                 curve.append({"round": r, "epsilon": eps, "test_accuracy": acc})
                 print(

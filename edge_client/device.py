@@ -86,7 +86,7 @@ class Device:
         self.p = participant
         self.privacy = privacy
         self.budget = PrivacyState.load(privacy.state_dir) if privacy else None
-        self._sigma: float | None = None
+        self._dp_plan: tuple[float, float] | None = None  # (noise multiplier, sampling rate)
         self.x, self.y = x, y
         self.train = train
         self.loop = loop
@@ -193,7 +193,7 @@ class Device:
             return True
         q, steps = steps_per_participation(len(self.x), self.train)
         try:
-            self._sigma = self.budget.plan_sample(self.privacy.sample, q, steps)
+            self._dp_plan = (self.budget.plan_sample(self.privacy.sample, q, steps), q)
         except BudgetExhausted as exc:
             self.log(f"refusing to train: {exc}")
             return False
@@ -235,16 +235,16 @@ class Device:
         model = build(base)
         t0 = time.monotonic()
         sample = self.privacy.sample if self.privacy else None
-        if sample is not None and self.budget is not None and self._sigma is not None:
+        if sample is not None and self.budget is not None and self._dp_plan is not None:
+            sigma, q = self._dp_plan
             result = train_local_dp(
-                model, self.x, self.y, self.train, noise_multiplier=self._sigma,
+                model, self.x, self.y, self.train, noise_multiplier=sigma,
                 max_grad_norm=sample.max_grad_norm, grad_sample_mode=sample.grad_sample_mode,
             )  # fmt: skip
-            q, _ = steps_per_participation(len(self.x), self.train)
-            self.budget.sample_history.append([self._sigma, q, float(result.steps)])
+            self.budget.sample_history.append([sigma, q, float(result.steps)])
             self.budget.save(self.privacy.state_dir)  # type: ignore[union-attr]
             self.log(
-                f"DP-SGD (noise {self._sigma:.3f}, clip {sample.max_grad_norm}): "
+                f"DP-SGD (noise {sigma:.3f}, clip {sample.max_grad_norm}): "
                 f"sample-level epsilon spent {self.budget.sample_epsilon():.3f} "
                 f"of {sample.target_epsilon} (delta {sample.delta})"
             )

@@ -254,13 +254,3 @@ def _dp_epochs(
             total += float(loss.item()) * len(xb)
             count += len(xb)
     return TrainResult(n, total / max(1, count), steps)
-
-
-def describe(state: Any) -> dict[str, Any]:
-    """A compact summary for logs and reports."""
-    return {
-        "sample_epsilon": state.sample_epsilon(),
-        "sample_participations": len(state.sample_history),
-        "user_epsilon": state.user_epsilon(),
-        "user_releases": state.user_ledger.events,
-    }

@@ -59,6 +59,7 @@ from fedcore.secagg.protocol import (
     parse_identity,
     parse_keys,
     parse_shares,
+    pinned_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ class SecureRound:
         return self.p.signing_key
 
     def _identity(self, client: str) -> bytes:
-        if client in self.cfg.identities:  # pinned by the function when it formed the cohort
-            return crypto.unb64(self.cfg.identities[client], what=f"{client}'s identity", size=32)
+        if (pinned := pinned_identity(self.cfg.identities, client)) is not None:
+            return pinned  # pinned by the function when it formed the cohort
         if client not in self._identities:
             key = layout.identity_key(client)
             self._identities[client] = parse_identity(

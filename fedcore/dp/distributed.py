@@ -104,6 +104,11 @@ class DistributedDP:
         return self.quantizer.step
 
     @property
+    def weight_code(self) -> int:
+        """The code of 1.0, each member's weight slot: the slots sum to the survivor count."""
+        return round((1.0 + self.clip) / self.step)
+
+    @property
     def member_variance(self) -> float:
         """Skellam variance each member adds per coordinate, in integer units."""
         return (self.noise_multiplier * self.clip / self.step) ** 2 / self.expected_survivors
@@ -131,10 +136,9 @@ class DistributedDP:
             x = x * (self.clip / norm)
         codes = self.quantizer.quantize(x, rng)[0].astype(np.int64)
         codes += skellam_noise(codes.size, self.member_variance, rng)
-        weight = round((1.0 + self.clip) / self.step)  # the code of 1.0: survivors are counted
         out = np.empty(codes.size + 1, dtype=np.uint32)
         out[:-1] = np.mod(codes, 2**32).astype(np.uint32)
-        out[-1] = weight
+        out[-1] = self.weight_code
         return out, norm
 
     # -- function side -------------------------------------------------------------

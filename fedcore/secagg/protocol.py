@@ -161,6 +161,13 @@ def encode_identity(client_id: str, public: bytes, created_at: float) -> bytes:
     ).encode()
 
 
+def pinned_identity(identities: dict[str, str], client_id: str) -> bytes | None:
+    """A member's Ed25519 key as the cohort config pins it (``CohortConfig.identities``)."""
+    if client_id not in identities:
+        return None
+    return crypto.unb64(identities[client_id], what=f"{client_id}'s identity", size=32)
+
+
 def parse_identity(blob: bytes, *, client_id: str, where: str) -> Identity:
     doc = _load(blob, where)
     if doc.get("client_id") != client_id:

@@ -57,6 +57,7 @@ from fedcore.secagg.protocol import (
     parse_keys,
     parse_shares,
     parse_unmask,
+    pinned_identity,
 )
 from fedcore.server import secure
 from fedcore.server.aggregate import weighted_mean
@@ -219,7 +220,7 @@ class Coordinator:
             with contextlib.suppress(NotFoundError):  # reported when validated
                 self._prefetched[key] = self.store.get(key).body
 
-        self._prefetch_identities([c for c in present if c not in cfg.identities])
+        self._prefetch_identities(cfg, list(present))
         with ThreadPoolExecutor(max_workers=PREFETCH_CONCURRENCY) as pool:
             list(pool.map(message, keys))
 
@@ -237,16 +238,16 @@ class Coordinator:
 
     def member_identity(self, cfg: CohortConfig, client: str) -> bytes:
         """A member's Ed25519 key as pinned in the cohort config (enrolled key otherwise)."""
-        if client in cfg.identities:
-            return crypto.unb64(cfg.identities[client], what=f"{client}'s identity", size=32)
-        return self.identity(client)
+        return pinned_identity(cfg.identities, client) or self.identity(client)
 
-    def _prefetch_identities(self, clients: list[str]) -> None:
+    def _prefetch_identities(self, cfg: CohortConfig, clients: list[str]) -> None:
+        """Fetch, concurrently, the enrolled keys of members the config does not pin."""
+
         def identity(client: str) -> None:
             with contextlib.suppress(IntegrityError):  # reported when validated
                 self.identity(client)
 
-        missing = [c for c in clients if c not in self._identities]
+        missing = [c for c in clients if c not in cfg.identities and c not in self._identities]
         with ThreadPoolExecutor(max_workers=PREFETCH_CONCURRENCY) as pool:
             list(pool.map(identity, missing))
 
@@ -618,7 +619,7 @@ class Coordinator:
             )  # fmt: skip
 
         uploads = [(c, layout.member_key(cid, Kind.MASKED, c)) for c in sorted(present)]
-        self._prefetch_identities([c for c in sorted(present) if c not in cfg.identities])
+        self._prefetch_identities(cfg, sorted(present))
         result = secure.masked_sum(
             self.store,
             uploads,

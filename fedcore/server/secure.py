@@ -224,8 +224,7 @@ def decode_dp_mean(
     Every member's weight slot must hold the code of 1: a member that claims a
     larger weight would escape the clip, so the cohort aborts instead.
     """
-    one = round((1.0 + dp.clip) / dp.step)
-    if int(total[-1]) != (count * one) % 2**32:
+    if int(total[-1]) != (count * dp.weight_code) % 2**32:
         raise UnmaskError("weight slot is not the survivor count: some member did not use weight 1")
     return unflatten(dp.decode_sum(total, count) / count, schema)
 

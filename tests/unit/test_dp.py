@@ -118,6 +118,7 @@ def test_noised_sum_decodes_to_the_clipped_sum_plus_noise_of_std_zc() -> None:
     assert float(np.std(err)) == pytest.approx(0.5 * 1.0, rel=0.03)
     assert abs(float(np.mean(err))) < 0.02
     assert int(total[-1]) == (8 * round((1.0 + dp.clip) / dp.step)) % 2**32
+    assert dp.weight_code == round((1.0 + dp.clip) / dp.step)
 
 
 def test_release_accounting_uses_the_survivors_noise() -> None:
