@@ -211,7 +211,7 @@ class SecureRound:
         masked = mask_input(q, me=self.me, self_seed=self._b, pair_seeds=pair_seeds)
         meta = MaskedMeta(
             self.cfg.cohort_id, self.me, self.cfg.base_version, int(masked.size),
-            hashlib.sha256(masked.tobytes()).hexdigest(),
+            hashlib.sha256(memoryview(masked)).hexdigest(),
         )  # fmt: skip
         blob = encode_tensors({MASKED_TENSOR: masked}, masked_metadata(meta, self._sk))
         if self.clipped:

@@ -20,8 +20,12 @@ from fedcore.secagg.crypto import add_masks, pair_sign
 def mask_input(
     q: np.ndarray, *, me: str, self_seed: bytes, pair_seeds: Mapping[str, bytes]
 ) -> np.ndarray:
-    """y = q + PRG(self_seed) + sum_v sign(me, v) PRG(pair_seed_v)  (mod 2^32)."""
-    y = np.array(q, dtype=np.uint32, copy=True)
+    """y = q + PRG(self_seed) + sum_v sign(me, v) PRG(pair_seed_v)  (mod 2^32).
+
+    Masks in place when ``q`` is already a uint32 vector (the quantizer's fresh
+    output, which no one else holds); the copy would cost as much as a mask.
+    """
+    y = np.asarray(q, dtype=np.uint32)
     terms = [(1, self_seed)] + [(pair_sign(me, v), seed) for v, seed in pair_seeds.items()]
     return add_masks(y, terms)
 

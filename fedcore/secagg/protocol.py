@@ -15,6 +15,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fedcore.codec import load_json_object
 from fedcore.errors import IntegrityError
 from fedcore.layout import check_id
 from fedcore.secagg import crypto
@@ -94,7 +95,7 @@ class SecAggParams:
                 weight_cap=int(doc["weight_cap"]),
             )
             bytes.fromhex(p.graph_seed)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise IntegrityError(f"{where}: bad secagg parameters: {exc!r}") from None
         return p
 
@@ -113,13 +114,7 @@ def member_index(members: list[str], client: str) -> int:
 def _load(blob: bytes, where: str) -> dict[str, Any]:
     if len(blob) > MAX_MESSAGE_BYTES:
         raise IntegrityError(f"{where}: message of {len(blob)} bytes is too large")
-    try:
-        doc = json.loads(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{where}: not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise IntegrityError(f"{where}: not a JSON object")
-    return doc
+    return load_json_object(blob, where=where, what="message")
 
 
 def _check_sender(doc: dict[str, Any], *, cohort_id: str, client_id: str, where: str) -> None:
@@ -331,7 +326,7 @@ def parse_masked_metadata(
             length=int(doc["length"]),
             digest=str(doc["digest"]),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise IntegrityError(f"{where}: masked metadata invalid: {exc!r}") from None
 
 

@@ -120,7 +120,7 @@ def test_masks_cancel_for_any_survivor_set(n: int, k: int, data: st.DataObject) 
             v: crypto.pair_mask_seed(keys[u][0], keys[v][1], cohort_id="c1", me=u, peer=v)
             for v in graph[u] & u2
         }
-        total += mask_input(inputs[u], me=u, self_seed=self_seeds[u], pair_seeds=pair_seeds)
+        total += mask_input(inputs[u].copy(), me=u, self_seed=self_seeds[u], pair_seeds=pair_seeds)
     dangling = [
         (u, v, crypto.pair_mask_seed(keys[v][0], keys[u][1], cohort_id="c1", me=v, peer=u))
         for v in sorted(u2 - u3)
