@@ -158,6 +158,9 @@ class Coordinator:
                 return "noop"
             if parsed.phase is PHASES[cfg.mode][-1]:
                 return self.finalize(cid)
+            # The invocation that wrote the manifest may have died before acting on it
+            # (aborting a cohort below its minimum): its event is the retry.
+            return self.close_phase(cid, parsed.phase, "manifest event")
         return "noop"
 
     # -- reads with immutable caches --------------------------------------
@@ -507,7 +510,8 @@ class Coordinator:
         key = layout.member_key(cid, phase_kind(phase, cfg.mode), client)
         if (key, etag) in self._messages:
             return self._messages[(key, etag)]
-        blob = self._prefetched.pop(key, None) or self.store.get(key).body
+        if (blob := self._prefetched.pop(key, None)) is None:  # every caller prefetches first
+            raise NotFoundError(f"{key}: gone before it could be read")
         ident = self.member_identity(cfg, client)
         ids = {"identity": ident, "cohort_id": cid, "client_id": client, "where": key}
         graph = self.graph(cfg)
