@@ -30,7 +30,7 @@ from edge_client.privacy import (
 )
 from edge_client.train import TrainSettings, train_local
 from fedcore.dp.distributed import DistributedDP
-from fedcore.errors import NotFoundError, StorageError, UnusableUpdateError
+from fedcore.errors import IntegrityError, NotFoundError, StorageError, UnusableUpdateError
 from fedcore.messages import CohortConfig
 from fedcore.modelspec import num_parameters
 from fedcore.participant import Participant
@@ -113,8 +113,9 @@ class Device:
                 self._sleep(delay)
                 delay = min(delay * 2, self.loop.max_poll_s)
                 continue
-            except StorageError as exc:
-                self.log(f"storage error while polling ({exc}); backing off")
+            except (StorageError, IntegrityError) as exc:
+                # A malformed pointer is someone else's fault; the next write may fix it.
+                self.log(f"cannot read the pointer ({exc}); backing off")
                 self._sleep(delay)
                 delay = min(delay * 2, self.loop.max_poll_s)
                 continue
@@ -177,7 +178,7 @@ class Device:
         else:
             try:
                 delta, n = self._train(cfg)
-            except UnusableUpdateError as exc:
+            except (UnusableUpdateError, IntegrityError) as exc:  # diverged, or a corrupt base
                 self.log(f"{cfg.cohort_id}: {exc}")
                 self._last_base = cfg.base_version
                 return True

@@ -44,6 +44,55 @@ UPDATE_FORMAT = "fedcore.update.v1"
 # name -> (dtype name, shape)
 Schema = Mapping[str, tuple[str, tuple[int, ...]]]
 
+# Room for an update's header beyond its tensor data: the tensor entries and the
+# metadata (a signed masked upload needs < 1 KiB). An update larger than its
+# model's data plus this is refused before it is parsed (``max_update_bytes``).
+UPDATE_HEADER_ALLOWANCE = 16 * 1024
+
+
+def max_update_bytes(schema: Schema, dtype: str = "F32") -> int:
+    """The largest object an update of ``schema`` (as ``dtype``) can honestly be.
+
+    The function checks this against the listed size before downloading, so a
+    member cannot make it fetch gigabytes into a Lambda's memory.
+    """
+    item = _DTYPES[dtype].itemsize
+    return 8 + UPDATE_HEADER_ALLOWANCE + sum(math.prod(s) * item for _, s in schema.values())
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def load_json_object(raw: bytes, *, where: str, what: str) -> dict[str, Any]:
+    """Strict JSON object from untrusted bytes; ``IntegrityError`` naming the reason.
+
+    Refuses duplicate names (parsers disagree on which one wins, so a file could
+    mean different things to a validator and a user), integers beyond Python's
+    4300-digit limit (``ValueError``) and nesting deep enough to hit the
+    recursion limit, none of which ``json.JSONDecodeError`` covers.
+    """
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as exc:
+        raise IntegrityError(f"{where}: {what} has duplicate name {exc.args[0]!r}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise IntegrityError(f"{where}: {what} is not JSON (UTF-8): {exc}") from None
+    except RecursionError:
+        raise IntegrityError(f"{where}: {what} is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{where}: {what} is not a JSON object")
+    return doc
+
 
 @dataclass(frozen=True)
 class Header:
@@ -74,12 +123,7 @@ def parse_header(blob: bytes | memoryview, *, where: str, total_size: int | None
         raise IntegrityError(f"{where}: header claims {n} bytes but object has {size}")
     if 8 + n > len(blob):
         raise IntegrityError(f"{where}: header not fully read ({len(blob)} of {8 + n} bytes)")
-    try:
-        raw = json.loads(bytes(blob[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{where}: header is not UTF-8 JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise IntegrityError(f"{where}: header is not a JSON object")
+    raw = load_json_object(bytes(blob[8 : 8 + n]), where=where, what="header")
     meta = raw.pop("__metadata__", {}) or {}
     if not isinstance(meta, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
@@ -92,7 +136,7 @@ def parse_header(blob: bytes | memoryview, *, where: str, total_size: int | None
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise IntegrityError(f"{where}: tensor {name!r} entry malformed")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise IntegrityError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
         if not (
             isinstance(shape, list)
@@ -206,8 +250,19 @@ class ModelMeta:
         doc = _meta_doc(meta, MODEL_FORMAT, where)
         try:
             out = cls(**doc)
-            if not isinstance(out.version, int) or out.version < 0:
+            if not _is_int(out.version) or out.version < 0:
                 raise TypeError("version must be a non-negative int")
+            if out.parent is not None and not _is_int(out.parent):
+                raise TypeError("parent must be an int or null")
+            if not (
+                isinstance(out.cohorts, list)
+                and all(isinstance(c, str) for c in out.cohorts)
+                and isinstance(out.members, list)
+                and all(isinstance(c, str) for c in out.members)
+            ):
+                raise TypeError("cohorts and members must be lists of strings")
+            if not isinstance(out.metrics, dict):
+                raise TypeError("metrics must be an object")
         except TypeError as exc:
             raise IntegrityError(f"{where}: model metadata invalid: {exc}") from None
         return out
@@ -234,27 +289,30 @@ class UpdateMeta:
             out = cls(**doc)
         except TypeError as exc:
             raise IntegrityError(f"{where}: update metadata invalid: {exc}") from None
+        for name in ("cohort_id", "client_id", "mode"):
+            if not isinstance(getattr(out, name), str):
+                raise IntegrityError(f"{where}: {name} must be a string")
         if not isinstance(out.num_samples, int) or isinstance(out.num_samples, bool):
             raise IntegrityError(f"{where}: num_samples must be an integer")
         if not 1 <= out.num_samples <= 10_000_000:
             raise IntegrityError(f"{where}: num_samples {out.num_samples} out of range [1, 1e7]")
-        if not isinstance(out.base_version, int) or out.base_version < 0:
+        if not _is_int(out.base_version) or not 0 <= out.base_version < 2**53:
             raise IntegrityError(f"{where}: base_version must be a non-negative integer")
         if not isinstance(out.loss, (int, float)) or not math.isfinite(out.loss):
             raise IntegrityError(f"{where}: loss must be a finite number")
         return out
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _meta_doc(meta: Mapping[str, str], fmt: str, where: str) -> dict[str, Any]:
     if meta.get("format") != fmt:
         raise IntegrityError(f"{where}: format is {meta.get('format')!r}, expected {fmt!r}")
-    try:
-        doc = json.loads(meta.get("fedcore", ""))
-    except json.JSONDecodeError:
-        raise IntegrityError(f"{where}: metadata 'fedcore' is not JSON") from None
-    if not isinstance(doc, dict):
-        raise IntegrityError(f"{where}: metadata 'fedcore' is not an object")
-    return doc
+    return load_json_object(
+        meta.get("fedcore", "").encode(), where=where, what="metadata 'fedcore'"
+    )
 
 
 # -- models and plaintext updates -------------------------------------------
@@ -287,8 +345,21 @@ def decode_update(
     blob: bytes, *, where: str, schema: Schema
 ) -> tuple[dict[str, np.ndarray], UpdateMeta]:
     """Decode a plaintext update: float32, the model's names and shapes, all finite."""
+    cap = max_update_bytes(schema)
+    if len(blob) > cap:
+        raise IntegrityError(f"{where}: update of {len(blob)} bytes exceeds the {cap}-byte cap")
     tensors, meta = decode_tensors(blob, where=where, schema=with_dtype(schema, "F32"))
+    check_finite(tensors, where=where)
+    return tensors, UpdateMeta.from_metadata(meta, where=where)
+
+
+def check_finite(tensors: Mapping[str, np.ndarray], *, where: str) -> None:
+    """Refuse NaN and infinities, saying how many of each (the log line is the diagnosis)."""
     for name, a in tensors.items():
         if not np.isfinite(a).all():
-            raise IntegrityError(f"{where}: tensor {name!r} contains NaN or infinity")
-    return tensors, UpdateMeta.from_metadata(meta, where=where)
+            nan, pos = int(np.isnan(a).sum()), int(np.isposinf(a).sum())
+            neg = int(np.isneginf(a).sum())
+            raise IntegrityError(
+                f"{where}: tensor {name!r} contains NaN or infinity "
+                f"({nan} NaN, {pos} +inf, {neg} -inf)"
+            )

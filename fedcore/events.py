@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,17 +48,24 @@ def parse_records(event: Any) -> Iterator[ObjectCreated | ValueError]:
         return
     for i, rec in enumerate(event["Records"]):
         try:
+            if not isinstance(rec, dict):
+                raise ValueError(f"record {i}: not an object ({type(rec).__name__})")
             if rec.get("eventSource") != "aws:s3":
                 raise ValueError(
                     f"record {i}: eventSource {rec.get('eventSource')!r} is not aws:s3"
                 )
-            name = str(rec["eventName"])
+            name = rec["eventName"]
             s3 = rec["s3"]
             obj = s3["object"]
+            bucket, raw_key, size = s3["bucket"]["name"], obj["key"], obj.get("size", 0)
+            if not all(isinstance(v, str) for v in (name, bucket, raw_key)):
+                raise ValueError(f"record {i}: eventName, bucket name and key must be strings")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(f"record {i}: object size {size!r} is not a non-negative integer")
             yield ObjectCreated(
-                bucket=str(s3["bucket"]["name"]),
-                key=unquote_plus(str(obj["key"])),
-                size=int(obj.get("size", 0)),
+                bucket=bucket,
+                key=decode_key(raw_key, where=f"record {i}"),
+                size=size,
                 etag=str(obj.get("eTag", "")),
                 event_name=name,
                 sequencer=str(obj.get("sequencer", "")),
@@ -66,6 +74,29 @@ def parse_records(event: Any) -> Iterator[ObjectCreated | ValueError]:
             yield exc
         except (KeyError, TypeError, AttributeError) as exc:
             yield ValueError(f"record {i}: malformed: missing or wrong-typed field {exc!r}")
+
+
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def decode_key(raw: str, *, where: str) -> str:
+    """``unquote_plus`` exactly once, refusing what AWS never sends.
+
+    ``unquote_plus`` silently keeps a malformed escape (``%G1``) and turns bytes
+    that are not UTF-8 into U+FFFD, so two different keys could decode to the
+    same string; a ``ValueError`` names the problem instead.
+    """
+    if _BAD_ESCAPE.search(raw):
+        raise ValueError(
+            f"{where}: key {raw[:200]!r} has bad URL-encoding (a '%' not followed by two hex digits)"
+        )
+    try:
+        key = unquote_plus(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: key {raw[:200]!r} is not URL-encoded UTF-8") from None
+    if not key or len(key.encode()) > 1024:
+        raise ValueError(f"{where}: key of {len(key.encode())} bytes (S3 allows 1 to 1024)")
+    return key
 
 
 def build_record(

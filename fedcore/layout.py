@@ -78,6 +78,10 @@ def cohort_id(seq: int) -> str:
     return f"c{seq:08d}"
 
 
+def is_cohort_id(value: str) -> bool:
+    return bool(_COHORT_RE.match(value))
+
+
 def cohort_seq(cid: str) -> int:
     m = _COHORT_RE.match(cid)
     if not m:

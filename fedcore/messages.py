@@ -12,10 +12,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from fedcore.codec import load_json_object
 from fedcore.errors import IntegrityError
 from fedcore.layout import Phase, check_id, cohort_seq
 
 MAX_MESSAGE_BYTES = 1 << 20
+MAX_INT = 2**53  # JSON integers beyond a double's exact range are refused (and never a count)
 MODES = ("secagg", "plaintext")  # plaintext: explicit debugging/measurement mode, never a fallback
 
 T = TypeVar("T")
@@ -24,13 +26,7 @@ T = TypeVar("T")
 def _load(blob: bytes, where: str) -> dict[str, Any]:
     if len(blob) > MAX_MESSAGE_BYTES:
         raise IntegrityError(f"{where}: message of {len(blob)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        doc = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{where}: not UTF-8 JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise IntegrityError(f"{where}: not a JSON object")
-    return doc
+    return load_json_object(blob, where=where, what="message")
 
 
 def _req(doc: dict[str, Any], name: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -43,6 +39,8 @@ def _req(doc: dict[str, Any], name: str, typ: type | tuple[type, ...], where: st
         raise IntegrityError(f"{where}: field {name!r} must be {typ}, got {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         raise IntegrityError(f"{where}: field {name!r} is not finite")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise IntegrityError(f"{where}: field {name!r} is out of range ({value.bit_length()} bits)")
     return value
 
 
@@ -129,6 +127,9 @@ def parse_config(blob: bytes, *, where: str) -> CohortConfig:
     for phase, t in phase_s.items():
         if phase not in {p.value for p in Phase} or not isinstance(t, (int, float)) or t <= 0:
             raise IntegrityError(f"{where}: bad phase time limit {phase!r}: {t!r}")
+    identities = _opt_dict(doc, "identities", where)
+    if not all(isinstance(v, str) for v in identities.values()):
+        raise IntegrityError(f"{where}: identities must map member ids to base64 strings")
     cfg = CohortConfig(
         cohort_id=cid,
         base_version=_req(doc, "base_version", int, where),
@@ -138,9 +139,13 @@ def parse_config(blob: bytes, *, where: str) -> CohortConfig:
         created_at=float(_req(doc, "created_at", (int, float), where)),
         phase_s={k: float(v) for k, v in phase_s.items()},
         server_lr=float(_req(doc, "server_lr", (int, float), where)),
-        params=dict(doc.get("params") or {}),
-        identities={str(k): str(v) for k, v in _opt_dict(doc, "identities", where).items()},
+        params=dict(_opt_dict(doc, "params", where)),
+        identities=dict(identities),
     )
+    if cfg.base_version < 0:
+        raise IntegrityError(f"{where}: negative base_version {cfg.base_version}")
+    if not cfg.server_lr > 0:
+        raise IntegrityError(f"{where}: server_lr {cfg.server_lr} must be positive")
     if not set(cfg.identities) <= set(cfg.members):
         raise IntegrityError(f"{where}: identities for non-members")
     if cfg.mode not in MODES:
@@ -172,9 +177,12 @@ class Manifest:
 def parse_manifest(blob: bytes, *, where: str) -> Manifest:
     doc = _load(blob, where)
     etags = _req(doc, "etags", dict, where)
+    phase = _req(doc, "phase", str, where)
+    if phase not in {p.value for p in Phase}:
+        raise IntegrityError(f"{where}: unknown phase {phase!r}")
     return Manifest(
         cohort_id=_req(doc, "cohort_id", str, where),
-        phase=_req(doc, "phase", str, where),
+        phase=phase,
         members=_ids(_req(doc, "members", list, where), where, "member"),
         etags={str(k): str(v) for k, v in etags.items()},
         closed_by=_req(doc, "closed_by", str, where),
@@ -185,7 +193,7 @@ def parse_manifest(blob: bytes, *, where: str) -> Manifest:
 
 
 def _opt_dict(doc: dict[str, Any], name: str, where: str) -> dict[str, Any]:
-    value = doc.get(name, {})
+    value = doc.get(name) or {}
     if not isinstance(value, dict):
         raise IntegrityError(f"{where}: {name} must be an object")
     return value
@@ -221,8 +229,17 @@ def parse_result(blob: bytes, *, where: str) -> Result:
         included=_ids(_req(doc, "included", list, where), where, "member"),
         rejected={str(k): str(v) for k, v in _req(doc, "rejected", dict, where).items()},
         finished_at=float(_req(doc, "finished_at", (int, float), where)),
-        phase_s={str(k): float(v) for k, v in (doc.get("phase_s") or {}).items()},
+        phase_s={
+            str(k): _number(v, where, "phase_s")
+            for k, v in _opt_dict(doc, "phase_s", where).items()
+        },
     )
+
+
+def _number(value: Any, where: str, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise IntegrityError(f"{where}: {what} values must be finite numbers, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -237,6 +254,8 @@ class Pointer:
 
 def parse_pointer(blob: bytes, *, where: str) -> Pointer:
     doc = _load(blob, where)
+    if _req(doc, "version", int, where) < 0:
+        raise IntegrityError(f"{where}: negative version")
     return Pointer(
         version=_req(doc, "version", int, where),
         key=_req(doc, "key", str, where),

@@ -33,8 +33,13 @@ class BucketView:
 
 
 def cohort_ids(store: ObjectStore) -> list[str]:
-    """Every cohort folder's id, oldest first (ids sort by their sequence number)."""
-    return [p[len(layout.COHORTS_PREFIX) : -1] for p in store.list_prefixes(layout.COHORTS_PREFIX)]
+    """Every cohort folder's id, oldest first (ids sort by their sequence number).
+
+    A folder whose name is not a cohort id (a stray ``cohorts/evil/x``) is not a
+    cohort: counting it would break formation's ``max + 1`` for everyone.
+    """
+    ids = [p[len(layout.COHORTS_PREFIX) : -1] for p in store.list_prefixes(layout.COHORTS_PREFIX)]
+    return [i for i in ids if layout.is_cohort_id(i)]
 
 
 def describe(store: ObjectStore, *, versions: int = 10, cohorts: int = 10) -> BucketView:

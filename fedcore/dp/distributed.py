@@ -81,7 +81,7 @@ class DistributedDP:
                 expected_survivors=int(doc["expected_survivors"]),
                 bits=int(doc["bits"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise IntegrityError(f"{where}: bad dp parameters: {exc}") from None
         if not (out.clip > 0 and out.noise_multiplier > 0 and 8 <= out.bits <= 31):
             raise IntegrityError(f"{where}: invalid dp parameters {out}")
