@@ -6,6 +6,10 @@ seen (key + ETag) and invokes the real handler on a thread pool with one
 record per event, as S3 does. Like Lambda's asynchronous invocation, a failed
 invocation is retried twice with a delay and then parked in ``dead_letters``.
 For tests it can deliver every event twice and shuffle the order.
+
+With ``listing=False`` the pump lists nothing: a push source (the SeaweedFS
+webhook bridge in ``infra/seaweed.py``) hands it each written object through
+``push``, and the same invocation, retry and dead-letter machinery runs.
 """
 
 from __future__ import annotations
@@ -19,14 +23,25 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fedcore.events import build_event, build_record
-from fedcore.storage import ObjectStore
+from fedcore.storage import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any], Any], Any]
+
+
+class PushSource(Protocol):
+    """A change feed that pushes written objects (``infra.seaweed.SeaweedFS``)."""
+
+    def subscribe(
+        self, bucket: str, callback: Callable[[str, int, str], Any]
+    ) -> Callable[[], None]:
+        """Call ``callback(key, size, etag)`` per object written to ``bucket``; returns
+        the unsubscribe."""
+        ...
 
 
 @dataclass
@@ -67,6 +82,7 @@ class EventPump:
         retry_delay_s: float = 0.5,
         seed: int | None = None,
         function_name: str = "aggregator",
+        listing: bool = True,
     ) -> None:
         self.store = store
         self.handler = handler
@@ -76,6 +92,7 @@ class EventPump:
         self.shuffle = shuffle
         self.retry_delay_s = retry_delay_s
         self.function_name = function_name
+        self.listing = listing
         self.stats = PumpStats()
         self._rng = random.Random(seed)
         self._seen: set[tuple[str, str]] = set()
@@ -100,7 +117,7 @@ class EventPump:
         self._pool.shutdown(wait=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while self.listing and not self._stop.is_set():
             try:
                 self.tick()
             except Exception:  # keep pumping through transient listing errors
@@ -109,9 +126,29 @@ class EventPump:
 
     # -- delivery -------------------------------------------------------------
     def tick(self) -> int:
-        """List once and dispatch an event for every new object; returns how many."""
+        """List once and dispatch an event for every new object; returns how many.
+
+        Without ``listing`` it dispatches nothing and returns how many listed objects
+        the push source has not delivered yet.
+        """
         with self._tick_lock:
             return self._tick()
+
+    def push(self, key: str, size: int, etag: str) -> bool:
+        """Dispatch an event for one object a push source reports written.
+
+        Returns False (and dispatches nothing) for keys outside the watched prefixes
+        and for a (key, ETag) already dispatched, e.g. a notification redelivered
+        by its source.
+        """
+        if not key.startswith(self.prefixes):
+            return False
+        with self._tick_lock:
+            if (key, etag) in self._seen:
+                return False
+            self._seen.add((key, etag))
+            self._dispatch([ObjectInfo(key, size, etag, time.time())])
+        return True
 
     def _tick(self) -> int:
         new = []
@@ -119,8 +156,16 @@ class EventPump:
             for info in self.store.list(prefix):
                 ident = (info.key, info.etag)
                 if ident not in self._seen:
+                    if not self.listing:  # count only: the push source owes this event
+                        new.append(info)
+                        continue
                     self._seen.add(ident)
                     new.append(info)
+        if self.listing:
+            self._dispatch(new)
+        return len(new)
+
+    def _dispatch(self, new: list[ObjectInfo]) -> None:
         deliveries = [i for i in new for _ in range(2 if self.duplicate else 1)]
         if self.shuffle:
             self._rng.shuffle(deliveries)
@@ -134,7 +179,6 @@ class EventPump:
             )
             self._submit(build_event([record]), info.key, attempt=0)
         self.stats.events += len(new)
-        return len(new)
 
     def _submit(self, event: dict[str, Any], key: str, attempt: int) -> None:
         fut = self._pool.submit(self._invoke, event, key, attempt)
@@ -169,7 +213,10 @@ class EventPump:
             return not self._inflight
 
     def drain(self, timeout_s: float = 60.0) -> None:
-        """Block until a listing finds nothing new and no invocation is running."""
+        """Block until a listing finds nothing new and no invocation is running.
+
+        Without ``listing``, "nothing new" means every listed object has been pushed.
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.idle() and self.tick() == 0 and self.idle():

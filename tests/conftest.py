@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from fedcore.storage import S3Store
+from infra.pump import PushSource
 from infra.s3server import EmbeddedS3
 
 os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
@@ -20,6 +21,15 @@ _buckets = itertools.count(1)
 def s3_endpoint() -> Iterator[str]:
     with EmbeddedS3() as server:
         yield server.endpoint_url
+
+
+@pytest.fixture
+def notifications() -> PushSource | None:
+    """Where ``LocalStack`` gets events: None lets its pump list new objects.
+
+    ``tests/seaweed/conftest.py`` overrides it with SeaweedFS's webhook bridge.
+    """
+    return None
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def tiny_seed(store: S3Store) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def stack_factory(s3_endpoint: str, store: S3Store):  # type: ignore[no-untyped-def]
+def stack_factory(s3_endpoint: str, store: S3Store, notifications):  # type: ignore[no-untyped-def]
     stacks: list[LocalStack] = []
 
     def make(**kw):  # type: ignore[no-untyped-def]
@@ -39,7 +39,11 @@ def stack_factory(s3_endpoint: str, store: S3Store):  # type: ignore[no-untyped-
             **kw.pop("settings", {}),
         }
         st = LocalStack(
-            endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, **kw
+            endpoint_url=s3_endpoint,
+            bucket=store.bucket,
+            settings=settings,
+            notifications=notifications,
+            **kw,
         ).start()
         stacks.append(st)
         return st

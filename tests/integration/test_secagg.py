@@ -32,7 +32,7 @@ SAMPLES = {f"s{i:02d}": 10 + 5 * i for i in range(N)}
 
 
 @pytest.fixture
-def stack(s3_endpoint: str, store: S3Store):  # type: ignore[no-untyped-def]
+def stack(s3_endpoint: str, store: S3Store, notifications):  # type: ignore[no-untyped-def]
     seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
     settings = {
         "mode": "secagg",
@@ -47,7 +47,7 @@ def stack(s3_endpoint: str, store: S3Store):  # type: ignore[no-untyped-def]
     }
     with LocalStack(
         endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, sweep_interval_s=0.2,
-        duplicate=True, shuffle=True, seed=3,
+        duplicate=True, shuffle=True, seed=3, notifications=notifications,
     ) as st:  # fmt: skip
         yield st
 

@@ -102,3 +102,17 @@ def test_listing_paginates_and_lists_prefixes(store: S3Store) -> None:
         "cohorts/c2/",
         "cohorts/c3/",
     ]
+
+
+def test_delete_many_and_ranged_reads(store: S3Store) -> None:
+    """GIVEN three objects WHEN delete_many names two of them and a missing key THEN those
+    two are gone and the missing key is no error; ranged reads stop at the end of the object
+    and are empty past it."""
+    for k in ("d/1", "d/2", "d/3"):
+        store.put_new(k, b"0123456789")
+    store.delete_many(["d/1", "d/2", "d/missing"])
+    store.delete_many([])
+    assert [o.key for o in store.list("d/")] == ["d/3"]
+    assert store.get_range("d/3", 2, 4) == b"234"
+    assert store.get_range("d/3", 8, 20) == b"89"
+    assert store.get_range("d/3", 10, 20) == b""
