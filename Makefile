@@ -19,6 +19,7 @@ venv: $(STAMP)
 
 sam-tools:
 	bash infra/sam/install-sam.sh
+	bash infra/sam/install-checkov.sh
 
 demo: venv
 	$(PY) -m infra.demo $(ARGS)
@@ -34,4 +35,4 @@ bench-accuracy: venv
 	$(PY) -m benchmarks.accuracy $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-sam .aws-sam runs .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) .venv-sam .venv-checkov .aws-sam runs .pytest_cache .hypothesis .ruff_cache

@@ -378,8 +378,13 @@ def _sub_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _statements(resources: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for _, doc in _iam_documents(resources) for s in _as_list(doc["Statement"])]
+def _statements(resources: dict[str, Any], only: str | None = None) -> list[dict[str, Any]]:
+    return [
+        s
+        for name, doc in _iam_documents(resources)
+        if only is None or name == only
+        for s in _as_list(doc["Statement"])
+    ]
 
 
 def test_iam_has_no_wildcard_resources_or_actions(resources: dict[str, Any]) -> None:
@@ -408,10 +413,10 @@ def test_function_roles_attach_no_aws_managed_policies(resources: dict[str, Any]
             assert resources[arn["Ref"]]["Type"] == "AWS::IAM::ManagedPolicy"
 
 
-def _s3_grants(resources: dict[str, Any]) -> dict[str, set[str]]:
-    """s3 action -> object-key patterns (or '<bucket>') it is allowed on."""
+def _s3_grants(resources: dict[str, Any], only: str | None = None) -> dict[str, set[str]]:
+    """s3 action -> object-key patterns (or '<bucket>') it is allowed on (in one policy)."""
     grants: dict[str, set[str]] = {}
-    for st in _statements(resources):
+    for st in _statements(resources, only):
         if st["Effect"] != "Allow":
             continue
         for action in _as_list(st["Action"]):
@@ -427,7 +432,9 @@ def _s3_grants(resources: dict[str, Any]) -> dict[str, set[str]]:
 
 
 def test_s3_permissions_are_scoped_to_protocol_prefixes(resources: dict[str, Any]) -> None:
-    grants = _s3_grants(resources)
+    """The aggregator's and sweeper's policy; the gateway's role is checked, key by key
+    against fedcore.access, in test_gateway_template.py."""
+    grants = _s3_grants(resources, "ProtocolBucketAccessPolicy")
     assert grants == {
         "s3:ListBucket": {"<bucket>"},
         "s3:GetObject": {"checkins/*", "cohorts/*", "global/*", "clients/*"},
@@ -590,3 +597,282 @@ def test_outputs(cfn: dict[str, Any]) -> None:
         "SweeperFunctionArn",
         "DeadLetterQueueUrl",
     } <= set(cfn["Outputs"])
+
+
+# --------------------------------------------------------------------------- IaC security scan
+# checkov lives in .venv-checkov (infra/sam/install-checkov.sh, `make sam-tools`): its pins
+# would fight the project's and the SAM CLI's. It scans template.yaml and the transformed
+# template (which has the real AWS::Lambda::Function resources) in one run, plus a weakened
+# copy as a control that the scan sees what it is meant to see.
+
+CHECKOV = REPO / ".venv-checkov" / "bin" / "checkov"
+INSTALL_CHECKOV = SAM_DIR / "install-checkov.sh"
+# Checks on the protocol bucket that must pass outright, never be skipped.
+CORE_BUCKET_CHECKS = {
+    "CKV_AWS_19",  # server-side encryption
+    "CKV_AWS_20",  # no public READ
+    "CKV_AWS_21",  # versioning
+    "CKV_AWS_53",  # block public ACLs
+    "CKV_AWS_54",  # block public policy
+    "CKV_AWS_55",  # ignore public ACLs
+    "CKV_AWS_56",  # restrict public buckets
+    "CKV_AWS_57",  # no public WRITE
+}
+
+
+@pytest.fixture(scope="session")
+def checkov_cli() -> Path:
+    if not os.access(CHECKOV, os.X_OK):
+        proc = _run(["bash", INSTALL_CHECKOV], timeout=900)
+        if proc.returncode != 0 or not os.access(CHECKOV, os.X_OK):
+            pytest.fail(
+                f"checkov is missing at {CHECKOV} and {INSTALL_CHECKOV} could not install it "
+                f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
+    return CHECKOV
+
+
+def _carry_skips_to_generated(sam_template: dict[str, Any], cfn: dict[str, Any]) -> dict[str, Any]:
+    """The transformed template with each SAM resource's checkov skips copied onto the
+    resources SAM generated from it (named <LogicalId><Suffix>, e.g. GatewayFunctionUrl from
+    GatewayFunction's FunctionUrlConfig). SAM copies a function's Metadata to the
+    AWS::Lambda::Function and its EventInvokeConfig but not to the others, so a justified skip written on the SAM resource would
+    otherwise be lost for checks that only exist on the generated type (CKV_AWS_258 is
+    checked on AWS::Lambda::Url, never on AWS::Serverless::Function)."""
+    out = copy.deepcopy(cfn)
+    sources = {
+        name: res["Metadata"]["checkov"]
+        for name, res in sam_template["Resources"].items()
+        if res["Type"].startswith("AWS::Serverless::") and "checkov" in res.get("Metadata", {})
+    }
+    for name, res in out["Resources"].items():
+        if name in sam_template["Resources"]:
+            continue  # declared in template.yaml, not generated
+        owners = [s for s in sources if name.startswith(s)]
+        if owners:
+            owner = max(owners, key=len)
+            res.setdefault("Metadata", {}).setdefault("checkov", copy.deepcopy(sources[owner]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkov_report(
+    checkov_cli: Path,
+    sam_template: dict[str, Any],
+    cfn: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    """One checkov run over template.yaml, transformed.json and control.json (a copy of the
+    transformed template with versioning suspended, no public access block and without the
+    DLQ's skip); returns {"report": checkov's JSON, "files": {name: absolute path}}."""
+    tmp = tmp_path_factory.mktemp("checkov")
+    scanned = _carry_skips_to_generated(sam_template, cfn)
+    transformed = tmp / "transformed.json"
+    transformed.write_text(json.dumps(scanned, indent=1))
+    control = copy.deepcopy(scanned)
+    bucket = control["Resources"]["DataBucket"]
+    bucket["Properties"]["VersioningConfiguration"]["Status"] = "Suspended"
+    del bucket["Properties"]["PublicAccessBlockConfiguration"]
+    control["Resources"]["DeadLetterQueue"].pop("Metadata")
+    control_path = tmp / "control.json"
+    control_path.write_text(json.dumps(control, indent=1))
+    files = {"template": TEMPLATE, "transformed": transformed, "control": control_path}
+    cmd: list[str | Path] = [checkov_cli, "--framework", "cloudformation", "--output", "json"]
+    cmd += ["--skip-download"]  # offline: no Prisma Cloud guidelines or custom policies
+    for path in files.values():
+        cmd += ["--file", path]
+    env = {"CKV_SKIP_PACKAGE_UPDATE_CHECK": "true", "BC_SKIP_MAPPING": "TRUE"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        proc = _run(cmd, timeout=300, cwd=tmp)
+    # Exit 1 means failed checks (expected: the control); anything else is a crash.
+    assert proc.returncode in (0, 1), (
+        f"checkov crashed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    )
+    report = json.loads(proc.stdout)
+    assert isinstance(report, dict), "expected one cloudformation report"
+    return {"report": report, "files": {k: str(v.resolve()) for k, v in files.items()}}
+
+
+def _checks(checkov: dict[str, Any], outcome: str, file: str) -> list[dict[str, Any]]:
+    path = checkov["files"][file]
+    return [c for c in checkov["report"]["results"][outcome] if c["file_abs_path"] == path]
+
+
+def test_checkov_scan_has_no_failed_checks(checkov_report: dict[str, Any]) -> None:
+    summary = checkov_report["report"]["summary"]
+    assert summary["parsing_errors"] == 0, summary
+    for file in ("template", "transformed"):
+        failed = _checks(checkov_report, "failed_checks", file)
+        assert not failed, f"checkov failed on {file}: " + ", ".join(
+            f"{c['check_id']} {c['resource']} ({c['check_name']})" for c in failed
+        )
+        passed = {c["check_id"] for c in _checks(checkov_report, "passed_checks", file)}
+        assert passed >= CORE_BUCKET_CHECKS, f"{file}: {sorted(CORE_BUCKET_CHECKS - passed)}"
+
+
+def test_checkov_skips_are_justified_inline(checkov_report: dict[str, Any]) -> None:
+    skipped = _checks(checkov_report, "skipped_checks", "template")
+    assert skipped, "expected the documented skips (VPC, access logging, ...)"
+    for c in skipped + _checks(checkov_report, "skipped_checks", "transformed"):
+        comment = c["check_result"].get("suppress_comment", "")
+        assert len(comment) >= 40, f"{c['check_id']} on {c['resource']}: no justification"
+        assert c["check_id"] not in CORE_BUCKET_CHECKS, c["check_id"]
+    # The transformed template keeps the skips (SAM copies resource Metadata through).
+    mirrored = {(c["check_id"], c["resource"]) for c in skipped}
+    transformed = {
+        (c["check_id"], c["resource"].replace("AWS::Lambda::Function", "AWS::Serverless::Function"))
+        for c in _checks(checkov_report, "skipped_checks", "transformed")
+    }
+    assert mirrored <= transformed, sorted(mirrored - transformed)
+
+
+def test_checkov_control_catches_a_weakened_template(checkov_report: dict[str, Any]) -> None:
+    """Control for the scan above: the same template with versioning suspended, no public
+    access block and without the DLQ's justified skip fails exactly those checks."""
+    failed = {
+        (c["check_id"], c["resource"]) for c in _checks(checkov_report, "failed_checks", "control")
+    }
+    assert failed == {
+        ("CKV_AWS_21", "AWS::S3::Bucket.DataBucket"),
+        ("CKV_AWS_53", "AWS::S3::Bucket.DataBucket"),
+        ("CKV_AWS_54", "AWS::S3::Bucket.DataBucket"),
+        ("CKV_AWS_55", "AWS::S3::Bucket.DataBucket"),
+        ("CKV_AWS_56", "AWS::S3::Bucket.DataBucket"),
+        ("CKV_AWS_27", "AWS::SQS::Queue.DeadLetterQueue"),
+    }, failed
+
+
+def test_checkov_install_is_pinned_and_isolated() -> None:
+    lines = [
+        ln
+        for ln in (SAM_DIR / "checkov-requirements.txt").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    assert any(ln.startswith("checkov==") for ln in lines)
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+(\[[\w,]+\])?==[\w.\-+]+", ln) for ln in lines)
+    script = INSTALL_CHECKOV.read_text()
+    assert "--no-deps" in script and ".venv-checkov" in script
+    assert "install-checkov.sh" in (REPO / "Makefile").read_text()
+
+
+# --------------------------------------------------------------------------- observability
+
+
+def _serverless_functions(sam_template: dict[str, Any]) -> list[str]:
+    """Every function in template.yaml (so a function added later is covered too)."""
+    return [
+        name
+        for name, res in sam_template["Resources"].items()
+        if res["Type"] == "AWS::Serverless::Function"
+    ]
+
+
+def test_every_function_has_an_errors_alarm_that_notifies(
+    sam_template: dict[str, Any], resources: dict[str, Any]
+) -> None:
+    alarms = [a["Properties"] for a in _of_type(resources, "AWS::CloudWatch::Alarm").values()]
+    watched = {
+        d["Value"]["Ref"]
+        for a in alarms
+        if (a["Namespace"], a["MetricName"]) == ("AWS/Lambda", "Errors") and a.get("AlarmActions")
+        for d in a["Dimensions"]
+        if d["Name"] == "FunctionName"
+    }
+    functions = _serverless_functions(sam_template)
+    assert set(functions) <= watched, sorted(set(functions) - watched)
+    for a in alarms:
+        assert a["AlarmActions"] == [{"Ref": "AlarmTopic"}], a
+
+
+def test_dlq_is_encrypted(resources: dict[str, Any]) -> None:
+    (dlq,) = _of_type(resources, "AWS::SQS::Queue").values()
+    props = dlq["Properties"]
+    assert props.get("SqsManagedSseEnabled") is True or props.get("KmsMasterKeyId")
+
+
+def test_bucket_lifecycle_bounds_cohorts_and_old_versions(
+    cfn: dict[str, Any], resources: dict[str, Any]
+) -> None:
+    """Versioning keeps overwritten and deleted objects; the lifecycle must drop them, and
+    expire cohort objects after a parameterised number of days (never global/)."""
+    rules = resources["DataBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    enabled = [r for r in rules if r["Status"] == "Enabled"]
+    cohorts = [r for r in enabled if r.get("Prefix") == "cohorts/"]
+    assert cohorts and all(
+        r["ExpirationInDays"] == {"Ref": "ProtocolObjectExpirationDays"} for r in cohorts
+    )
+    assert cfn["Parameters"]["ProtocolObjectExpirationDays"]["Type"] == "Number"
+    noncurrent = [r for r in enabled if "NoncurrentVersionExpiration" in r]
+    assert noncurrent and all("Prefix" not in r for r in noncurrent)  # whole bucket
+    assert all(r["NoncurrentVersionExpiration"]["NoncurrentDays"] >= 1 for r in noncurrent)
+    assert any(r.get("AbortIncompleteMultipartUpload") for r in enabled)
+
+
+def _dashboard_metrics(sam_template: dict[str, Any]) -> tuple[list[list[Any]], list[str]]:
+    """(metric rows, alarm references) of the dashboard, ${...} substitutions kept as text."""
+    (dash,) = _of_type(sam_template["Resources"], "AWS::CloudWatch::Dashboard").values()
+    body = json.loads(_sub_text(dash["Properties"]["DashboardBody"]))
+    rows, alarms = [], []
+    for w in body["widgets"]:
+        props = w["properties"]
+        if w["type"] == "metric":
+            assert props["region"] == "${AWS::Region}"
+            rows += [[x for x in row if not isinstance(x, dict)] for row in props["metrics"]]
+        elif w["type"] == "alarm":
+            alarms += props["alarms"]
+    return rows, alarms
+
+
+def _emitted_metric_names() -> tuple[set[str], set[str]]:
+    """(literal names, all names) the code passes to a metric sink. An f-string name is
+    expanded over the protocol's phase names (its only use: f"{phase}PhaseSeconds")."""
+    from fedcore.layout import Phase
+
+    literal, expanded = set(), set()
+    for d in ("fedcore", "functions"):
+        for p in (REPO / d).rglob("*.py"):
+            for m in re.finditer(r"(?<![A-Za-z0-9])metric\(\s*(f?)\"([^\"]+)\"", p.read_text()):
+                if m.group(1):
+                    expanded |= {
+                        re.sub(r"\{[^}]*\}", ph.value.capitalize(), m.group(2)) for ph in Phase
+                    }
+                else:
+                    literal.add(m.group(2))
+    return literal, literal | expanded
+
+
+def test_dashboard_shows_the_metrics_the_code_emits(sam_template: dict[str, Any]) -> None:
+    rows, _ = _dashboard_metrics(sam_template)
+    ours = [r for r in rows if r[0] == "SecureFL"]
+    shown = {r[1] for r in ours}
+    literal, emitted = _emitted_metric_names()
+    assert {"CohortsFormed", "CohortsApplied", "CohortsAborted", "HandlerDuration"} <= literal
+    assert shown <= emitted, f"dashboard metrics no code emits: {sorted(shown - emitted)}"
+    assert literal <= shown, f"emitted but not on the dashboard: {sorted(literal - shown)}"
+    assert {"KeysPhaseSeconds", "InputsPhaseSeconds", "UnmaskPhaseSeconds"} <= shown
+    # powertools tags each metric with dimension service = the function's service name.
+    services = {
+        res["Properties"]["Environment"]["Variables"]["POWERTOOLS_SERVICE_NAME"]
+        for name, res in sam_template["Resources"].items()
+        if name in _serverless_functions(sam_template)
+    }
+    for r in ours:
+        assert r[2:] in (["service", s] for s in services), r
+    code = "\n".join(p.read_text() for p in (REPO / "functions").rglob("app.py"))
+    assert all(f'service="{s}"' in code for s in services)
+
+
+def test_dashboard_shows_function_health_dlq_and_alarms(
+    sam_template: dict[str, Any],
+) -> None:
+    rows, alarms = _dashboard_metrics(sam_template)
+    lambda_rows = {(r[1], r[3]) for r in rows if r[0] == "AWS/Lambda" and r[2] == "FunctionName"}
+    for function in _serverless_functions(sam_template):
+        for metric in ("Duration", "Errors", "Invocations", "Throttles"):
+            assert (metric, f"${{{function}}}") in lambda_rows, (metric, function)
+    assert ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName",
+            "${DeadLetterQueue.QueueName}"] in rows  # fmt: skip
+    all_alarms = _of_type(sam_template["Resources"], "AWS::CloudWatch::Alarm")
+    assert sorted(alarms) == sorted(f"${{{a}.Arn}}" for a in all_alarms)
