@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedcore import layout
-from fedcore.codec import UpdateMeta
+from fedcore.codec import UpdateMeta, max_update_bytes
 from fedcore.dp.distributed import DistributedDP
 from fedcore.errors import (
     AlreadyExistsError,
@@ -40,6 +40,7 @@ from fedcore.errors import (
 )
 from fedcore.layout import Kind, Phase
 from fedcore.messages import (
+    MAX_MESSAGE_BYTES,
     CohortConfig,
     Manifest,
     Result,
@@ -133,6 +134,8 @@ class Coordinator:
         self._manifests: dict[tuple[str, Phase], Manifest] = {}
         self._graphs: dict[str, dict[str, set[str]]] = {}
         self._prefetched: dict[str, bytes] = {}
+        self._sizes: dict[str, int] = {}  # member object key -> size as last listed
+        self._schemas: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
         self._closed: set[str] = set()
 
     # -- routing -----------------------------------------------------------
@@ -200,6 +203,12 @@ class Coordinator:
             return None
         self._manifests[(cid, phase)] = m
         return m
+
+    def schema(self, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """A version's tensor schema (cached: a committed version never changes)."""
+        if version not in self._schemas:
+            self._schemas[version] = read_schema(self.store, version)
+        return self._schemas[version]
 
     def graph(self, cfg: CohortConfig) -> dict[str, set[str]]:
         if cfg.cohort_id not in self._graphs:
@@ -470,15 +479,51 @@ class Coordinator:
         for info in self.store.list(layout.member_prefix(cid, phase_kind(phase, cfg.mode))):
             try:
                 client = layout.parse_key(info.key).client_id
-            except UnknownKeyError:
-                log.warning("ignored stray object", extra={"key": info.key, "cohort_id": cid})
+            except UnknownKeyError as exc:
+                log.warning(
+                    "ignored stray object",
+                    extra={"key": info.key, "cohort_id": cid, "reason": str(exc)},
+                )
                 continue
             if client in expected:
                 out[client] = info.etag
+                self._sizes[info.key] = info.size
+        return out
+
+    def _size_cap(self, cfg: CohortConfig, phase: Phase) -> int:
+        """The largest object an honest member can write in ``phase`` (derived from the model)."""
+        if phase is not Phase.INPUTS:
+            return MAX_MESSAGE_BYTES
+        schema = self.schema(cfg.base_version)
+        if cfg.mode == "plaintext":
+            return max_update_bytes(schema)
+        return max_update_bytes({"masked": ("U32", (secure.vector_length(schema),))}, "U32")
+
+    def _within_cap(
+        self, cfg: CohortConfig, phase: Phase, present: dict[str, str]
+    ) -> dict[str, str]:
+        """Drop (as dropouts) members whose listed object is too large to be honest, unread."""
+        cap = self._size_cap(cfg, phase)
+        out = {}
+        for client, etag in present.items():
+            key = layout.member_key(cfg.cohort_id, phase_kind(phase, cfg.mode), client)
+            size = self._sizes.get(key, 0)
+            if size > cap:
+                log.warning(
+                    "member object rejected; treated as a dropout",
+                    extra={
+                        "cohort_id": cfg.cohort_id, "client_id": client, "phase": phase.value,
+                        "key": key, "reason": f"{key}: object of {size} bytes exceeds the "
+                        f"{cap}-byte cap for this phase (not downloaded)",
+                    },
+                )  # fmt: skip
+                continue
+            out[client] = etag
         return out
 
     def on_member_object(self, cid: str, kind: Kind, client: str) -> str:
-        extra = {"cohort_id": cid, "client_id": client}
+        key = layout.member_key(cid, kind, client)
+        extra = {"cohort_id": cid, "client_id": client, "key": key}
         try:
             cfg = self.config(cid)
         except (NotFoundError, IntegrityError) as exc:
@@ -486,7 +531,8 @@ class Coordinator:
             return "rejected"
         phase = kind_phase(kind, cfg.mode)
         if phase is None:
-            log.warning(f"{kind.value} object not used in {cfg.mode} mode", extra=extra)
+            why = f"{key}: {kind.value} objects are not used in {cfg.mode} mode"
+            log.warning("object of the wrong mode; ignored", extra={**extra, "reason": why})
             return "rejected"
         extra["phase"] = phase.value
         expected = self.expected(cid, cfg, phase)
@@ -494,7 +540,15 @@ class Coordinator:
             log.warning("object before its phase opened; not counted", extra=extra)
             return "early"
         if client not in expected:
-            log.warning("object from a client not expected in this phase; ignored", extra=extra)
+            why = (
+                f"{key}: {client} is not a member of {cid}"
+                if client not in cfg.members
+                else f"{key}: {client} was not counted in the previous phase"
+            )
+            log.warning(
+                "object from a client not expected in this phase; ignored",
+                extra={**extra, "reason": why},
+            )
             return "rejected"
         if (closed := self.manifest(cid, phase)) is not None:
             if client not in closed.members:
@@ -552,7 +606,7 @@ class Coordinator:
         expected = self.expected(cid, cfg, phase)
         if expected is None:
             return "noop"
-        present = self._present(cid, cfg, phase, expected)
+        present = self._within_cap(cfg, phase, self._present(cid, cfg, phase, expected))
         valid: dict[str, str] = {}
         verified: dict[str, str] = {}
         sum_key = ""
@@ -575,6 +629,7 @@ class Coordinator:
                             "cohort_id": cid,
                             "client_id": client,
                             "phase": phase.value,
+                            "key": layout.member_key(cid, phase_kind(phase, cfg.mode), client),
                             "reason": str(exc),
                         },
                     )
@@ -614,7 +669,7 @@ class Coordinator:
     def _sum_inputs(self, cfg: CohortConfig, present: dict[str, str]) -> tuple[dict[str, str], str]:
         """Validate and sum the masked uploads; write the sum; return (valid members, sum key)."""
         cid = cfg.cohort_id
-        length = secure.vector_length(read_schema(self.store, cfg.base_version))
+        length = secure.vector_length(self.schema(cfg.base_version))
 
         def check(client: str, key: str, blob: bytes):  # type: ignore[no-untyped-def]
             return secure.check_masked(
@@ -630,6 +685,7 @@ class Coordinator:
             check=check,
             length=length,
             concurrency=self.settings.read_concurrency,
+            cohort_id=cid,
         )
         self.metric("BytesRead", result.bytes_read, "Bytes")
         valid = {c: present[c] for c in result.included}
@@ -657,7 +713,7 @@ class Coordinator:
             self._record(Result(cid, "applied", done, "", members, {}, self.clock()), cfg)
             return "noop"
         started = self.clock()
-        schema = read_schema(self.store, cfg.base_version)
+        schema = self.schema(cfg.base_version)
         if cfg.mode == "secagg":
             outcome = self._secure_mean(cfg, schema)
         else:
@@ -684,6 +740,9 @@ class Coordinator:
             self.metric("CohortsApplied", 1, "Count")
             self.metric("Staleness", applied.staleness, "Count")
             self.metric("Dropouts", len(cfg.members) - len(included), "Count")
+            self.metric("AggregateSeconds", self.clock() - started, "Seconds")
+            for name, secs in self._phase_durations(cfg).items():  # KeysPhaseSeconds, ...
+                self.metric(f"{name.capitalize()}PhaseSeconds", secs, "Seconds")
         log.info(
             "cohort applied",
             extra={
@@ -717,21 +776,25 @@ class Coordinator:
         cid = cfg.cohort_id
 
         def check(client: str, meta: UpdateMeta) -> None:
-            if (meta.cohort_id, meta.client_id) != (cid, client):
+            where = layout.member_key(cid, Kind.PLAIN, client)
+            if meta.cohort_id != cid:
                 raise IntegrityError(
-                    f"metadata names {meta.cohort_id}/{meta.client_id}, key {cid}/{client}"
+                    f"{where}: metadata names cohort {meta.cohort_id!r} (replayed or misplaced)"
                 )
+            if meta.client_id != client:
+                raise IntegrityError(f"{where}: metadata names client {meta.client_id!r}")
             if meta.base_version != cfg.base_version:
                 raise IntegrityError(
-                    f"base version {meta.base_version}, cohort's is {cfg.base_version}"
+                    f"{where}: base version {meta.base_version}, cohort's is {cfg.base_version}"
                 )
             if meta.mode != cfg.mode:
-                raise IntegrityError(f"mode {meta.mode!r}, cohort's is {cfg.mode!r}")
+                raise IntegrityError(f"{where}: mode {meta.mode!r}, cohort's is {cfg.mode!r}")
 
         keys = [(c, layout.member_key(cid, Kind.PLAIN, c)) for c in manifest.members]
         mean = weighted_mean(
-            self.store, keys, schema=schema, check=check, concurrency=self.settings.read_concurrency
-        )
+            self.store, keys, schema=schema, check=check,
+            concurrency=self.settings.read_concurrency, cohort_id=cid,
+        )  # fmt: skip
         self.metric("BytesRead", mean.bytes_read, "Bytes")
         if len(mean.included) < cfg.min_members:
             return self._abort(
@@ -755,6 +818,10 @@ class Coordinator:
         assert inputs is not None
         unmask = manifests[Phase.UNMASK]
         assert unmask is not None
+        # The model-sized sum downloads while the reveals are fetched and verified.
+        background = ThreadPoolExecutor(max_workers=1)
+        sum_obj = background.submit(lambda: self.store.get(inputs.sum_key))
+        background.shutdown(wait=False)
         self._prefetch(cid, cfg, Phase.UNMASK, unmask.etags)
         try:
             s_pks = {
@@ -768,7 +835,7 @@ class Coordinator:
             }  # type: ignore[union-attr]
             length = secure.vector_length(schema)
             total = secure.decode_sum(
-                self.store.get(inputs.sum_key).body, where=inputs.sum_key, length=length, members=u3
+                sum_obj.result().body, where=inputs.sum_key, length=length, members=u3
             )
             total, flagged = secure.unmask(
                 total, cohort_id=cid, params=params, members=sorted(cfg.members),
