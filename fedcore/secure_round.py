@@ -82,7 +82,11 @@ class SecureRound:
         self.p = participant
         self.cfg = cfg
         self.me = participant.client_id
-        self.params = SecAggParams.from_dict(cfg.params.get("secagg"), where=cfg.cohort_id)
+        where = layout.config_key(cfg.cohort_id)
+        if participant.client_id not in cfg.members:
+            raise IntegrityError(f"{where}: {participant.client_id} is not a member")
+        self.params = SecAggParams.from_dict(cfg.params.get("secagg"), where=where)
+        self.params.validate(len(cfg.members), where=where)
         self.members = sorted(cfg.members)
         self.neighbours = self.params.graph(self.members)[self.me]
         self._c_sk, self.c_pk = crypto.x25519_keypair()
@@ -128,13 +132,31 @@ class SecureRound:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not should_stop():
             try:
-                return parse_manifest(self.p.store.get(key).body, where=key)
+                return self._checked_manifest(
+                    parse_manifest(self.p.store.get(key).body, where=key), phase, key
+                )
             except NotFoundError:
                 pass
             if self.p.result(self.cfg.cohort_id) is not None:
                 return None
             time.sleep(poll_s)
         return None
+
+    def _checked_manifest(self, m: Manifest, phase: Phase, key: str) -> Manifest:
+        """A manifest that says what it should: this cohort, this phase, only its members.
+
+        A manifest is the function's word on who counts; one that names another
+        cohort or a stranger would make the device mask with, or reveal shares
+        for, the wrong set, so the device abandons the cohort instead.
+        """
+        if m.cohort_id != self.cfg.cohort_id or m.phase != phase.value:
+            raise IntegrityError(
+                f"{key}: manifest names {m.cohort_id}/{m.phase}, expected "
+                f"{self.cfg.cohort_id}/{phase.value}"
+            )
+        if strangers := sorted(set(m.members) - set(self.cfg.members)):
+            raise IntegrityError(f"{key}: manifest names non-members {strangers}")
+        return m
 
     # -- round 1 -------------------------------------------------------------
     def advertise(self) -> str:
@@ -257,14 +279,19 @@ class SecureRound:
                     where=key,
                     receiver=self.me,
                 )
+                if self.me not in msg.ciphertexts:
+                    raise IntegrityError(
+                        f"{key}: no share addressed to {self.me} "
+                        f"(addressed to {sorted(msg.ciphertexts)[:5]})"
+                    )
                 plain = crypto.decrypt_share(
                     msg.ciphertexts[self.me], private=self._c_sk, peer_public=self._peer_keys[v].c_pk,
                     cohort_id=cid, sender=v, receiver=self.me,
                 )  # fmt: skip
-            except (IntegrityError, NotFoundError, KeyError) as exc:
+            except (IntegrityError, NotFoundError) as exc:
                 log.warning(
                     "cannot use a neighbour's share",
-                    extra={"cohort_id": cid, "client_id": v, "reason": str(exc)},
+                    extra={"cohort_id": cid, "client_id": v, "key": key, "reason": str(exc)},
                 )
                 continue
             s_share = shamir.share_from_bytes(plain[:SHARE_BYTES])
@@ -294,6 +321,19 @@ DROP_POINTS = (
 Update = tuple[Mapping[str, np.ndarray], int]  # (delta, num_samples)
 
 
+def not_admitted(m: Manifest, cfg: CohortConfig, me: str) -> str | None:
+    """Why member ``me`` cannot go on past the closed phase ``m``; None if it can.
+
+    Shared by the blocking driver below and the step-wise simulation
+    (``edge_client.simulate``), so both leave a cohort for the same reasons.
+    """
+    if me not in m.members:
+        return f"{cfg.cohort_id}: not counted in {m.phase} (late or rejected)"
+    if len(m.members) < cfg.min_members:
+        return f"{cfg.cohort_id}: only {len(m.members)} members in {m.phase}; the cohort aborts"
+    return None
+
+
 def run_secure_cohort(
     participant: Participant,
     cfg: CohortConfig,
@@ -314,19 +354,20 @@ def run_secure_cohort(
     """
     if drop_at is not None and drop_at not in DROP_POINTS:
         raise ValueError(f"drop_at must be one of {DROP_POINTS}")
-    rnd = SecureRound(participant, cfg)
     cid, me = cfg.cohort_id, participant.client_id
+    try:
+        rnd = SecureRound(participant, cfg)
+    except (IntegrityError, ProtocolError) as exc:
+        _abandon(say, cid, me, exc)
+        return "abandoned"
 
     def wait(phase: Phase) -> Manifest | None:
         limit = sum(cfg.phase_s.values()) + slack_s
         m = rnd.wait(phase, timeout_s=limit, poll_s=poll_s, should_stop=should_stop)
         if m is None:
             say(f"{cid}: ended before {phase.value} closed")
-        elif me not in m.members:
-            say(f"{cid}: not counted in {phase.value} (late or rejected)")
-            return None
-        elif len(m.members) < cfg.min_members:
-            say(f"{cid}: only {len(m.members)} members in {phase.value}; the cohort aborts")
+        elif (why := not_admitted(m, cfg, me)) is not None:
+            say(why)
             return None
         return m
 
@@ -367,5 +408,18 @@ def run_secure_cohort(
         # Write-once keys mean we cannot replace it; the function judges what is there.
         say(f"{cid}: cannot write ({exc}); leaving the cohort")
         return "abandoned"
+    except (IntegrityError, ProtocolError, NotFoundError) as exc:
+        # Something this device read (a manifest, a peer's keys, the base model) is
+        # malformed or lies: leave the cohort (the function counts us as a dropout)
+        # rather than mask with, or reveal shares for, a set we cannot trust.
+        _abandon(say, cid, me, exc)
+        return "abandoned"
     finally:
         rnd.erase()
+
+
+def _abandon(say: Callable[[str], None], cid: str, me: str, exc: Exception) -> None:
+    log.warning(
+        "device abandons the cohort", extra={"cohort_id": cid, "client_id": me, "reason": str(exc)}
+    )
+    say(f"{cid}: abandoning the cohort: {exc}")
