@@ -2,13 +2,16 @@
 
 Three measurements, written to ``benchmarks/results/dp.json``:
 
-1. **DP-SGD cost**: one local epoch (600 examples, B=10 as in the secure-
-   aggregation benchmark, and 6,000 examples at the federated batch size)
-   without privacy, with Opacus' fast gradient clipping ("ghost") and with
-   per-sample hooks, in the same process, as ratios to the non-private epoch.
+1. **DP-SGD cost**: one local epoch (600 examples at B=10 as in the secure-
+   aggregation benchmark; 6,000 examples at B=64 and at B=256, the batch the
+   sample-level runs use) without privacy, with Opacus' fast gradient
+   clipping ("ghost") and with per-sample hooks (the two smaller points), in
+   the same process, interleaved, as ratios to the non-private epoch. Same
+   model, nonlinearity and optimizer both ways.
 2. **Sample-level DP, federated**: 10 devices (IID shards of 6,000), every
    device in every round, each running DP-SGD with the device code
-   (``edge_client.privacy``: calibration, budget, Opacus), FedAvg of their
+   (``edge_client.privacy``: calibration, Opacus ghost clipping; the tanh
+   SimpleCNN that ``edge_client run --dp-epsilon`` trains), FedAvg of their
    deltas; for target epsilon 1, 3 and 8 (delta 1e-5) spent over ``rounds``
    participations. Test accuracy on the 10,000 test images after each round,
    with the epsilon spent so far (the same for every device).
@@ -24,7 +27,8 @@ Three measurements, written to ``benchmarks/results/dp.json``:
 Rounds run in-process (no bucket) so the three epsilons fit in minutes; the
 full path through S3 and secure aggregation is ``make demo ARGS='--dp-epsilon 3'``.
 
-Run: ``.venv/bin/python -m benchmarks.dp`` (about 25 minutes on 2 cores);
+Run: ``.venv/bin/python -m benchmarks.dp`` (about 25 minutes on 2 idle cores, far
+longer on a shared machine; ``--workers`` sets the training processes);
 ``--quick`` for a smoke run.
 """
 
@@ -58,7 +62,18 @@ def _torch_setup() -> None:
 
 
 # ------------------------------------------------------------------------- 1. cost
-def epoch_costs(repeats: int = 3) -> dict[str, Any]:
+# (examples, batch size, DP modes timed, timed repeats of each mode): B=256 first, the batch
+# the sample-level runs below (and the DP demo) use; B=64; B=10 as in the secure-aggregation
+# benchmark. Hooks only at the small point: it materialises every per-sample gradient
+# (9.4x at 6,000 examples and B=64 in an earlier run), minutes per epoch on a shared machine.
+COST_POINTS = (
+    (6000, 256, ("ghost",), 2),
+    (6000, 64, ("ghost",), 1),
+    (600, 10, ("ghost", "hooks"), 3),
+)
+
+
+def epoch_costs(activation: str = "tanh") -> dict[str, Any]:
     from edge_client.data import load_mnist
     from edge_client.model import build
     from edge_client.privacy import train_local_dp
@@ -68,9 +83,13 @@ def epoch_costs(repeats: int = 3) -> dict[str, Any]:
     _torch_setup()
     mnist = load_mnist()
     out: dict[str, Any] = {}
-    for n, batch in ((600, 10), (6000, 64)):
+    warm = True
+    for n, batch, modes, repeats in COST_POINTS:
         x, y = mnist.train_x[:n], mnist.train_y[:n]
-        settings = TrainSettings(epochs=1, batch_size=batch, lr=0.05, momentum=0.0)
+        # The same model, nonlinearity and optimizer both ways: only DP-SGD differs.
+        settings = TrainSettings(
+            epochs=1, batch_size=batch, lr=0.05, momentum=0.0, activation=activation
+        )
 
         def plain() -> None:
             train_local(build(init_params(seed=0)), x, y, settings)  # noqa: B023
@@ -81,28 +100,30 @@ def epoch_costs(repeats: int = 3) -> dict[str, Any]:
                 noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
             )  # fmt: skip
 
-        timings: dict[str, float] = {}
-        for name, fn in (
-            ("plain", plain),
-            ("ghost", lambda: private("ghost")),
-            ("hooks", lambda: private("hooks")),
-        ):
-            fn()  # warm-up
-            runs = []
-            for _ in range(repeats):
+        fns = {"plain": plain} | {m: (lambda m=m: private(m)) for m in modes}
+        if warm:  # first calls (imports, allocator) on a small slice, once
+            warm = False
+            train_local(build(init_params(seed=0)), x[:512], y[:512], settings)
+            for mode in ("ghost", "hooks"):
+                train_local_dp(
+                    build(init_params(seed=0)), x[:512], y[:512], settings,
+                    noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+                )  # fmt: skip
+        runs: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(repeats):  # interleaved, so load from other work hits every mode alike
+            for name, fn in fns.items():
                 t = time.perf_counter()
                 fn()
-                runs.append(time.perf_counter() - t)
-            timings[name] = float(np.median(runs))
-        out[f"{n}_examples_B{batch}"] = {
-            "epoch_s": timings,
-            "ghost_vs_plain": timings["ghost"] / timings["plain"],
-            "hooks_vs_plain": timings["hooks"] / timings["plain"],
-        }
+                runs[name].append(time.perf_counter() - t)
+        timings = {name: float(np.median(r)) for name, r in runs.items()}
+        row: dict[str, Any] = {"epoch_s": timings, "runs_s": runs}
+        row |= {f"{m}_vs_plain": timings[m] / timings["plain"] for m in modes}
+        out[f"{n}_examples_B{batch}"] = row
         print(
-            f"epoch of {n} examples, B={batch}: plain {timings['plain']:.2f}s, ghost "
-            f"{timings['ghost']:.2f}s ({timings['ghost'] / timings['plain']:.2f}x), hooks "
-            f"{timings['hooks']:.2f}s ({timings['hooks'] / timings['plain']:.2f}x)",
+            f"epoch of {n} examples, B={batch}: plain {timings['plain']:.2f}s, "
+            + ", ".join(
+                f"{m} {timings[m]:.2f}s ({timings[m] / timings['plain']:.2f}x)" for m in modes
+            ),
             flush=True,
         )
     return out
@@ -121,8 +142,9 @@ def _device_round(job: dict[str, Any]) -> tuple[dict[str, np.ndarray], float, in
     idx = job["idx"]
     model = build(job["params"])
     settings = TrainSettings(
-        epochs=job["epochs"], batch_size=job["batch"], lr=job["lr"], momentum=0.0, seed=job["seed"]
-    )
+        epochs=job["epochs"], batch_size=job["batch"], lr=job["lr"], momentum=0.0,
+        seed=job["seed"], activation=job["activation"],
+    )  # fmt: skip
     res = train_local_dp(
         model, mnist.train_x[idx], mnist.train_y[idx], settings,
         noise_multiplier=job["sigma"], max_grad_norm=job["clip"], grad_sample_mode="ghost",
@@ -132,8 +154,20 @@ def _device_round(job: dict[str, Any]) -> tuple[dict[str, np.ndarray], float, in
 
 
 def sample_level(
-    epsilons: list[float], *, rounds: int, clients: int, epochs: int, batch: int, lr: float
+    epsilons: list[float],
+    *,
+    rounds: int,
+    clients: int,
+    epochs: int,
+    batch: int,
+    lr: float,
+    clip: float,
+    activation: str,
+    workers: int,
 ) -> list[dict[str, Any]]:
+    """The epsilons run side by side (threads), their devices' rounds in one process pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from edge_client.data import load_mnist, partition
     from edge_client.model import build
     from edge_client.privacy import calibrate_noise
@@ -144,51 +178,57 @@ def sample_level(
     _torch_setup()
     mnist = load_mnist()
     shards = partition(mnist.train_y, clients, "iid", seed=0)
-    out = []
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        for target in epsilons:
-            n = len(shards[0])
-            q = batch / n
-            steps = epochs * math.ceil(n / batch)
-            sigma = calibrate_noise(target, 1e-5, q, steps * rounds)
-            params = init_params(seed=0)
-            curve = []
-            t0 = time.perf_counter()
-            for r in range(1, rounds + 1):
-                jobs = [
-                    {"idx": shards[c], "params": params, "epochs": epochs, "batch": batch,
-                     "lr": lr, "seed": 1000 * r + c, "sigma": sigma, "clip": 1.0}
-                    for c in range(clients)
-                ]  # fmt: skip
-                results = list(pool.map(_device_round, jobs))
-                params = {
-                    k: params[k] + np.mean([d[k] for d, _, _ in results], axis=0).astype(np.float32)
-                    for k in params
-                }
-                spent = rdp.epsilon(
-                    rdp.ORDERS, rdp.sampled_gaussian(q=q, sigma=sigma, steps=steps * r), 1e-5
-                )[0]
-                acc, _ = evaluate(build(params), mnist.test_x, mnist.test_y)
-                curve.append({"round": r, "epsilon": spent, "test_accuracy": acc})
-                print(
-                    f"sample-level target eps {target}: round {r} eps {spent:.2f} acc {acc:.4f} "
-                    f"({time.perf_counter() - t0:.0f}s)",
-                    flush=True,
-                )
-            out.append(
-                {
-                    "target_epsilon": target,
-                    "delta": 1e-5,
-                    "noise_multiplier": sigma,
-                    "sampling_rate": q,
-                    "steps_per_round": steps,
-                    "final_test_accuracy": curve[-1]["test_accuracy"],
-                    "final_epsilon": curve[-1]["epsilon"],
-                    "curve": curve,
-                    "wall_s": time.perf_counter() - t0,
-                }
+
+    def one(target: float, pool: ProcessPoolExecutor) -> dict[str, Any]:
+        n = len(shards[0])
+        q = batch / n
+        steps = epochs * math.ceil(n / batch)
+        # What each device does (PrivacyState.plan_sample): calibrate once for all rounds.
+        sigma = calibrate_noise(target, 1e-5, q, steps * rounds)
+        params = init_params(seed=0)
+        curve = []
+        t0 = time.perf_counter()
+        for r in range(1, rounds + 1):
+            jobs = [
+                {"idx": shards[c], "params": params, "epochs": epochs, "batch": batch,
+                 "lr": lr, "seed": 1000 * r + c, "sigma": sigma, "clip": clip,
+                 "activation": activation}
+                for c in range(clients)
+            ]  # fmt: skip
+            results = list(pool.map(_device_round, jobs))
+            params = {
+                k: params[k] + np.mean([d[k] for d, _, _ in results], axis=0).astype(np.float32)
+                for k in params
+            }
+            spent = rdp.epsilon(
+                rdp.ORDERS, rdp.sampled_gaussian(q=q, sigma=sigma, steps=steps * r), 1e-5
+            )[0]
+            acc, _ = evaluate(build(params, activation=activation), mnist.test_x, mnist.test_y)
+            curve.append({"round": r, "epsilon": spent, "test_accuracy": acc})
+            print(
+                f"sample-level target eps {target}: round {r} eps {spent:.2f} acc {acc:.4f} "
+                f"({time.perf_counter() - t0:.0f}s)",
+                flush=True,
             )
-    return out
+        return {
+            "target_epsilon": target,
+            "delta": 1e-5,
+            "noise_multiplier": sigma,
+            "sampling_rate": q,
+            "steps_per_round": steps,
+            "clip": clip,
+            "activation": activation,
+            "final_test_accuracy": curve[-1]["test_accuracy"],
+            "final_epsilon": curve[-1]["epsilon"],
+            "curve": curve,
+            "wall_s": time.perf_counter() - t0,
+        }
+
+    with (
+        ProcessPoolExecutor(max_workers=workers) as pool,
+        ThreadPoolExecutor(max_workers=len(epsilons)) as threads,
+    ):
+        return list(threads.map(lambda e: one(e, pool), epsilons))
 
 
 # ------------------------------------------------------------------------- 3. user level
@@ -330,13 +370,17 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.dp", description=__doc__)
     ap.add_argument("--epsilons", default="1,3,8")
-    ap.add_argument("--rounds", type=int, default=5)
+    # The DP demo's local training (infra/demo.py DP_TRAINING): E=1, B=256, lr 2, no momentum.
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.5)
-    ap.add_argument("--user-noises", default="0,0.5,1,2")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2.0)
+    ap.add_argument("--clip", type=float, default=1.0, help="DP-SGD per-sample clip norm")
+    ap.add_argument("--activation", choices=["relu", "tanh"], default="tanh")
+    ap.add_argument("--workers", type=int, default=2, help="processes for the devices' training")
+    ap.add_argument("--user-noises", default="0,0.1,0.3,1")
     ap.add_argument("--users", type=int, default=100)
-    ap.add_argument("--user-rounds", type=int, default=10)
+    ap.add_argument("--user-rounds", type=int, default=4)
     ap.add_argument("--user-clip", type=float, default=0.5)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: cost,sample,user")
@@ -356,21 +400,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists():  # keep parts measured earlier when some are skipped
         old = json.loads(args.out.read_text())
         doc.update({k: old[k] for k in ("cost", "sample_level", "user_level") if k in old})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each part, so a long run that is cut short keeps what it did
+        args.out.write_text(json.dumps(doc, indent=2, default=str))
+
     if "cost" not in skip:
-        doc["cost"] = epoch_costs()
+        doc["cost"] = epoch_costs(activation=args.activation)
+        save()
     if "sample" not in skip:
         doc["sample_level"] = sample_level(
             [float(e) for e in args.epsilons.split(",")],
             rounds=args.rounds, clients=10, epochs=args.epochs, batch=args.batch, lr=args.lr,
+            clip=args.clip, activation=args.activation, workers=args.workers,
         )  # fmt: skip
+        save()
     if "user" not in skip:
         doc["user_level"] = user_level(
             [float(z) for z in args.user_noises.split(",")],
             users=args.users, rounds=args.user_rounds, clip=args.user_clip, batch=10,
             lr=0.05, server_lr=1.0,
         )  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2, default=str))
+    save()
     if doc.get("sample_level") and doc.get("user_level"):
         plot(doc, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")

@@ -4,9 +4,13 @@ Subcommands:
   run       poll the bucket, join cohorts, train on this device's shard, upload
   evaluate  test accuracy of a global version (default: the newest)
   status    versions and open cohorts of the bucket
+  simulate  many simulated devices in a few worker processes, with a local stack
 
 Connection settings come from flags or the environment: ``S3_ENDPOINT_URL``
 (omit for AWS), ``BUCKET``, ``CLIENT_ID``; AWS credentials as boto3 finds them.
+With ``--gateway URL`` (env ``FL_GATEWAY_URL``) a device holds no AWS
+credentials at all: it enrolls its key once with an operator-issued
+``--enroll-token`` and then reaches the bucket only through presigned URLs.
 """
 
 from __future__ import annotations
@@ -99,6 +103,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="join plaintext cohorts (debugging/measurement only; the server must run plaintext too)",
     )
     run.add_argument(
+        "--gateway",
+        default=env.get("FL_GATEWAY_URL") or None,
+        help="device gateway URL: no AWS credentials, presigned URLs only (env FL_GATEWAY_URL)",
+    )
+    run.add_argument(
+        "--enroll-token",
+        default=env.get("FL_ENROLL_TOKEN") or None,
+        help="operator-issued enrollment token, needed on the first run with --gateway",
+    )
+    run.add_argument(
         "--state-dir",
         type=Path,
         default=None,
@@ -133,6 +147,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="participations the DP-SGD noise is calibrated for (then the budget is spent)",
     )
     dp.add_argument("--dp-mode", choices=["ghost", "hooks"], default="ghost")
+    run.add_argument(
+        "--activation",
+        choices=["relu", "tanh"],
+        default=None,
+        help="SimpleCNN nonlinearity (default: tanh with --dp-epsilon, which DP-SGD trains "
+        "better with, else relu); every device of a deployment must use the same",
+    )
     dp.add_argument(
         "--dp-user-noise",
         type=float,
@@ -157,15 +178,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _data_args(ev)
     ev.add_argument("--version", type=int, default=None, help="default: the newest")
     ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument(
+        "--activation",
+        choices=["relu", "tanh"],
+        default="relu",
+        help="the nonlinearity the devices trained with (tanh for sample-level DP runs)",
+    )
 
     st = sub.add_parser("status", help="versions and open cohorts")
     _common(st)
     st.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds")
     st.add_argument("--versions", type=int, default=10)
     st.add_argument("--cohorts", type=int, default=10)
+    sim = sub.add_parser(
+        "simulate",
+        help="many simulated devices in a few worker processes (starts a local stack)",
+    )
+    sim.add_argument("--devices", type=int, default=1000)
+    sim.add_argument("--workers", type=int, default=0, help="worker processes (0: cpu count)")
+    sim.add_argument("--cohort-size", type=int, default=100)
+    sim.add_argument("--max-active", type=int, default=0, help="devices online at once (0: all)")
+    sim.add_argument("--min-cohort-size", type=int, default=50)
+    sim.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default="iid")
+    sim.add_argument("--alpha", type=float, default=0.5)
+    sim.add_argument("--max-samples", type=int, default=0, help="cap each device's shard")
+    sim.add_argument("--epochs", type=int, default=5)
+    sim.add_argument("--batch-size", type=int, default=10)
+    sim.add_argument("--lr", type=float, default=0.1)
+    sim.add_argument("--momentum", type=float, default=0.0)
+    sim.add_argument("--plaintext", action="store_true", help="plaintext cohorts (debugging)")
+    sim.add_argument("--secagg-degree", type=int, default=0, help="0: SecAgg+ default (log n)")
+    sim.add_argument("--round-deadline-s", type=float, default=600.0)
+    sim.add_argument("--short-round-s", type=float, default=120.0)
+    sim.add_argument("--drop-prob", type=float, default=0.0)
+    sim.add_argument("--drop-at", choices=["keys", "shares", "inputs"], default="inputs")
+    sim.add_argument("--target-accuracy", type=float, default=0.0, help="stop at this accuracy")
+    sim.add_argument("--max-versions", type=int, default=0, help="stop at this version")
+    sim.add_argument("--max-minutes", type=float, default=30.0)
+    sim.add_argument(
+        "--endpoint-url", default=None, help="an S3 API to use instead of the embedded server"
+    )
+    sim.add_argument("--bucket", default=None, help="default: a fresh fl-sim-<time> bucket")
+    sim.add_argument("--report", type=Path, default=Path("runs/simulate/report.json"))
     args = ap.parse_args(argv)
-    if not args.bucket:
-        ap.error("no bucket: pass --bucket or set BUCKET")
+    if args.command == "simulate":
+        return args
+    if not args.bucket and not getattr(args, "gateway", None):
+        ap.error("no bucket: pass --bucket or set BUCKET (or --gateway for run)")
     if args.command == "run":
         if not args.client_id:
             ap.error("no client id: pass --client-id or set CLIENT_ID")
@@ -182,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge_client.identity import default_state_dir, load_or_create_signing_key
     from edge_client.train import TrainSettings
     from fedcore.participant import Participant
-    from fedcore.storage import S3Store
+    from fedcore.storage import ObjectStore, S3Store
 
     torch.set_num_threads(args.threads)
     mnist = load_mnist(
@@ -197,15 +256,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.client_id,
         f"shard {args.shard}/{args.num_shards} ({args.partition}): {len(idx)} examples",
     )
-    store = S3Store.connect(args.bucket, args.endpoint_url)
     state_dir = args.state_dir or default_state_dir(args.client_id)
+    store: ObjectStore
+    if args.gateway:
+        from edge_client.gateway_store import GatewayStore
+
+        signing_key = load_or_create_signing_key(state_dir)
+        store = GatewayStore(args.gateway, args.client_id, signing_key)
+        if args.enroll_token and store.enroll(args.enroll_token):
+            say(args.client_id, f"enrolled through the gateway (key in {state_dir})")
+        say(args.client_id, f"using the gateway {args.gateway}; no bucket credentials")
+    else:
+        store = S3Store.connect(args.bucket, args.endpoint_url, role="device")
     if args.plaintext:
         participant = Participant(store, args.client_id, mode="plaintext")
     else:
         participant = Participant(
             store, args.client_id, mode="secagg", signing_key=load_or_create_signing_key(state_dir)
         )
-        if participant.enroll():
+        if not args.gateway and participant.enroll():  # the gateway enrolled it already
             say(args.client_id, f"enrolled identity (key in {state_dir})")
     stop = threading.Event()
 
@@ -222,7 +291,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         mnist.train_x[idx],
         mnist.train_y[idx],
         TrainSettings(
-            args.epochs, args.batch_size, args.lr, args.momentum, args.seed, args.max_grad_norm
+            args.epochs,
+            args.batch_size,
+            args.lr,
+            args.momentum,
+            args.seed,
+            args.max_grad_norm,
+            activation=args.activation or ("tanh" if args.dp_epsilon > 0 else "relu"),
         ),
         LoopSettings(
             max_rounds=args.max_rounds,
@@ -286,7 +361,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     mnist = load_mnist(
         cache_dir=args.data_dir, idx_dir=args.idx_dir, progress=lambda m: print(m, file=sys.stderr)
     )
-    acc, loss = evaluate(build(params), mnist.test_x, mnist.test_y)
+    acc, loss = evaluate(build(params, activation=args.activation), mnist.test_x, mnist.test_y)
     print(
         f"version {version}: test accuracy {acc:.4f}, loss {loss:.4f} "
         f"on {len(mnist.test_y)} images (cohorts {meta.cohorts or '-'})"
@@ -331,10 +406,45 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_client.simulate import SimSettings, StopRule, run
+
+    settings = SimSettings(
+        devices=args.devices, workers=args.workers, partition=args.partition, alpha=args.alpha,
+        max_samples=args.max_samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, mode="plaintext" if args.plaintext else "secagg",
+        drop_prob=args.drop_prob, drop_at=args.drop_at, max_active=args.max_active,
+    )  # fmt: skip
+    server = {
+        "cohort_size": args.cohort_size,
+        "min_cohort_size": args.min_cohort_size,
+        "round_deadline_s": args.round_deadline_s,
+        "short_round_s": args.short_round_s,
+        "secagg_degree": args.secagg_degree,
+    }
+    rule = StopRule(args.target_accuracy, args.max_versions, args.max_minutes * 60)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    report = run(
+        settings, server, rule, endpoint_url=args.endpoint_url, bucket=args.bucket,
+        log_path=args.report.parent / "functions.log",
+    )  # fmt: skip
+    args.report.write_text(json.dumps(report, indent=2, default=str))
+    print(
+        f"{report['final_version']} versions, accuracy {report['final_test_accuracy']}, "
+        f"{report['wall_time_s']:.0f}s; report {args.report}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return {"run": cmd_run, "evaluate": cmd_evaluate, "status": cmd_status}[args.command](args)
+        return {
+            "run": cmd_run, "evaluate": cmd_evaluate, "status": cmd_status,
+            "simulate": cmd_simulate,
+        }[args.command](args)  # fmt: skip
     except KeyboardInterrupt:
         print("interrupted; nothing partial was written", file=sys.stderr)
         return 130

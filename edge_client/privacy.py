@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_client.train import TrainResult, TrainSettings, to_tensor
+from edge_client.train import TrainResult, TrainSettings, apply_activation, to_tensor
 from fedcore.dp import rdp
 
 STATE_FILE = "privacy.json"
@@ -206,6 +206,7 @@ def train_local_dp(
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
+    apply_activation(model, settings)  # before Opacus wraps the module
     data = TensorDataset(to_tensor(x), torch.from_numpy(np.asarray(y, dtype=np.int64)))
     gen = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(data, batch_size=settings.batch_size, generator=gen)

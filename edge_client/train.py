@@ -23,6 +23,9 @@ class TrainSettings:
     momentum: float = 0.9
     seed: int = 0
     max_grad_norm: float = 0.0  # clip each step's gradient norm (0: off); guards divergence
+    # The model's nonlinearity while training (SimpleCNN: "relu" or "tanh"); None keeps the
+    # model's own. DP-SGD runs use tanh (edge_client.__main__), see edge_client.model.
+    activation: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.momentum < 1:
@@ -42,6 +45,15 @@ def to_tensor(x: np.ndarray) -> torch.Tensor:
     return (t - MNIST_MEAN) / MNIST_STD
 
 
+def apply_activation(model: nn.Module, settings: TrainSettings) -> None:
+    """Switch the model to ``settings.activation`` (if set); parameters are untouched."""
+    if settings.activation is None:
+        return
+    if not hasattr(model, "activation"):
+        raise ValueError(f"{type(model).__name__} has no selectable activation")
+    model.activation = settings.activation
+
+
 def train_local(
     model: nn.Module,
     x: np.ndarray,
@@ -56,6 +68,7 @@ def train_local(
     xs, ys = to_tensor(x), torch.from_numpy(np.asarray(y, dtype=np.int64))
     gen = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    apply_activation(model, settings)
     model.train()
     steps = 0
     epoch_loss = math.nan

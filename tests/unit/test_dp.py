@@ -206,3 +206,21 @@ def test_unreadable_budget_file_stops_the_device(tmp_path: Path) -> None:
     (tmp_path / STATE_FILE).write_text("{not json")
     with pytest.raises(BudgetExhausted, match="unreadable"):
         PrivacyState.load(tmp_path)
+
+
+def test_tanh_model_keeps_the_schema_and_dp_training_switches_to_it() -> None:
+    """GIVEN the tanh variant used under DP-SGD THEN its parameters are exactly the ReLU
+    model's (the function's schema is unchanged) and TrainSettings(activation=...) applies."""
+    import torch
+
+    from edge_client.model import SimpleCNN
+    from edge_client.train import TrainSettings, apply_activation
+
+    relu, tanh = SimpleCNN(), SimpleCNN(activation="tanh")
+    assert [(n, p.shape) for n, p in relu.named_parameters()] == [
+        (n, p.shape) for n, p in tanh.named_parameters()
+    ]
+    apply_activation(relu, TrainSettings(activation="tanh"))
+    x = torch.randn(2, 1, 28, 28)
+    tanh.load_state_dict(relu.state_dict())
+    assert torch.allclose(relu(x), tanh(x))
