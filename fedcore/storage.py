@@ -12,6 +12,7 @@ retries becomes ``ThrottledError`` / ``StorageError`` naming the key.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -100,11 +101,16 @@ def make_s3_client(
     region: str | None = None,
     max_attempts: int = 8,
     max_pool_connections: int = 32,
+    role: str | None = None,
 ) -> Any:
     """A boto3 S3 client with retries and path-style addressing for local servers.
 
     Path-style is forced when an endpoint URL is given because moto, SeaweedFS
     and MinIO on 127.0.0.1 have no wildcard DNS for virtual-hosted buckets.
+    ``max_attempts`` counts retries (botocore's meaning): 8 rides out a few
+    seconds of 503 SlowDown or connection resets
+    (tests/integration/test_storage_faults.py). ``role`` tags the User-Agent
+    (``s3fl-role/function``), so a local run can meter who made each request.
     """
     config = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
@@ -112,6 +118,7 @@ def make_s3_client(
         connect_timeout=5,
         read_timeout=60,
         s3={"addressing_style": "path"} if endpoint_url else None,
+        user_agent_extra=f"s3fl-role/{role}" if role else None,
     )
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
@@ -210,7 +217,13 @@ class S3Store:
             raise self._fail(exc, prefix, "list") from exc
 
     def list_prefixes(self, prefix: str, *, start_after: str | None = None) -> list[str]:
-        """The immediate "folders" under ``prefix`` (delimiter ``/``), in key order."""
+        """The immediate "folders" under ``prefix`` (delimiter ``/``), in key order.
+
+        A listed folder may be empty: SeaweedFS keeps a folder's directory, and lists
+        it, after its last object is deleted (AWS lists prefixes only through
+        objects). Callers treat a folder without its expected object as "not yet"
+        (``Participant.find_cohort``) or skip it (the sweeper).
+        """
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
         if start_after:
             kwargs["StartAfter"] = start_after
@@ -252,9 +265,10 @@ class S3Store:
                     continue
                 if status == 412 or code == "PreconditionFailed":
                     if "IfNoneMatch" in cond:
-                        raise AlreadyExistsError(
-                            f"s3://{self.bucket}/{key}: already exists"
-                        ) from exc
+                        err = AlreadyExistsError(f"s3://{self.bucket}/{key}: already exists")
+                        meta = exc.response.get("ResponseMetadata", {})
+                        err.retried = int(meta.get("RetryAttempts") or 0) > 0  # type: ignore[attr-defined]
+                        raise err from exc
                     raise ConflictError(f"s3://{self.bucket}/{key}: changed since read") from exc
                 if "IfMatch" in cond and (status == 404 or code == "NoSuchKey"):
                     # AWS answers 404 for If-Match on a missing key; SeaweedFS 412.
@@ -272,8 +286,24 @@ class S3Store:
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
     ) -> str:
-        """Create ``key`` only if absent; ``AlreadyExistsError`` otherwise."""
-        return self._put(key, body, content_type, "put_new", metadata, IfNoneMatch="*")
+        """Create ``key`` only if absent; ``AlreadyExistsError`` otherwise.
+
+        A put whose response was lost (a connection reset after the server
+        stored it) is retried by botocore and then meets its own object: 412.
+        Only then, after a retry *within this call*, do identical bytes count as
+        this write; without a retry a 412 is always someone else's object, even
+        with the same bytes (a replayed request writing the same marker).
+        """
+        try:
+            return self._put(key, body, content_type, "put_new", metadata, IfNoneMatch="*")
+        except AlreadyExistsError as exc:
+            if not getattr(exc, "retried", False):
+                raise
+            info = self.head(key)
+            ours = hashlib.md5(body, usedforsecurity=False).hexdigest()  # S3's ETag
+            if info is not None and info.etag.strip('"') == ours:
+                return info.etag
+            raise
 
     def put_if_match(
         self, key: str, body: bytes, etag: str, *, content_type: str = "application/json"
