@@ -23,21 +23,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-import functions.aggregator.app as aggregator_app
-import functions.sweeper.app as sweeper_app
 from fedcore import layout, versions
-from fedcore.events import build_event, build_record
 from fedcore.layout import Phase
-from fedcore.messages import CohortConfig, Manifest, Result, parse_manifest
+from fedcore.messages import CohortConfig, Manifest
 from fedcore.participant import Participant
 from fedcore.secure_round import SecureRound
-from fedcore.server.coordinator import Coordinator
-from fedcore.server.settings import ServerSettings
 from fedcore.storage import NotFoundError, S3Store
 from fedcore.versions import find_head, load_model, seed
-from infra.pump import LocalContext
 from tests.crashpoints import CrashingStore, Killed, Site, call_sites
 from tests.helpers import TINY, assert_consistent, delta_for, participant
+from tests.sync_functions import SyncFunctions
 
 # Everything the two functions run that touches the bucket.
 FUNCTION_FILES = [
@@ -63,6 +58,14 @@ ROUNDS = ("keys", "shares", "inputs", "unmask", "end")
 ROUND_S = 30.0  # deadlines are passed by advancing the coordinator's clock, never by waiting
 
 
+def crash_harness(
+    store: S3Store, settings: dict[str, Any], mp: pytest.MonkeyPatch
+) -> SyncFunctions:
+    h = SyncFunctions(store, settings, mp, function_store=CrashingStore(store, function_sites()))
+    mp.setattr(versions, "_HEADER_PROBE", 64)  # take the long-header path of read_header too
+    return h
+
+
 def function_sites() -> list[Site]:
     return [
         s
@@ -70,80 +73,6 @@ def function_sites() -> list[Site]:
         if (s.path, s.function, "*") not in NOT_IN_FUNCTIONS
         and (s.path, s.function, s.method) not in NOT_IN_FUNCTIONS
     ]
-
-
-class Harness:
-    """Real handlers, a crashing store under the coordinator, synchronous event delivery."""
-
-    def __init__(self, store: S3Store, settings: dict[str, Any], mp: pytest.MonkeyPatch) -> None:
-        self.store = store
-        self.crashing = CrashingStore(store, function_sites())
-        self.settings = ServerSettings(**settings)
-        self.offset = 0.0
-        self.kills = 0
-        self._seen: set[tuple[str, str]] = set()
-        self._seq = 0
-
-        def coordinator(metric: Any = None) -> Coordinator:
-            return Coordinator(self.crashing, self.settings, clock=self.now)
-
-        mp.setattr(aggregator_app, "coordinator", coordinator)
-        mp.setattr(sweeper_app, "coordinator", coordinator)
-        mp.setattr(versions, "_HEADER_PROBE", 64)  # take the long-header path of read_header too
-
-    def now(self) -> float:
-        return time.time() + self.offset
-
-    def _invoke(self, handler: Callable[..., Any], event: dict[str, Any], name: str) -> None:
-        for _ in range(100):
-            try:
-                handler(event, LocalContext(name))
-                return
-            except Killed:
-                self.kills += 1  # Lambda retries the event in a fresh invocation
-        raise AssertionError("an event kept failing after 100 redeliveries")
-
-    def deliver(self) -> None:
-        """Deliver an event for every new object, until a listing finds none."""
-        while True:
-            new = [
-                info
-                for prefix in (layout.CHECKINS_PREFIX, layout.COHORTS_PREFIX)
-                for info in self.store.list(prefix)
-                if (info.key, info.etag) not in self._seen
-            ]
-            if not new:
-                return
-            for info in new:
-                self._seen.add((info.key, info.etag))
-                self._seq += 1
-                record = build_record(
-                    bucket=self.store.bucket, key=info.key, size=info.size, etag=info.etag,
-                    sequencer=self._seq,
-                )  # fmt: skip
-                self._invoke(aggregator_app.handler, build_event([record]), "aggregator")
-
-    def sweep(self, advance_s: float = 0.0) -> None:
-        self.offset += advance_s
-        self._invoke(sweeper_app.handler, {"source": "aws.events"}, "sweeper")
-        self.deliver()
-
-    # -- devices (they never crash here) ----------------------------------------
-    def join(self, parts: list[Participant]) -> CohortConfig:
-        head = find_head(self.store)
-        tickets = {p.client_id: p.check_in(head) for p in parts}
-        self.deliver()
-        cfgs = [p.find_cohort(tickets[p.client_id])[0] for p in parts]
-        ids = {c.cohort_id if c else None for c in cfgs}
-        assert len(ids) == 1 and None not in ids, f"members landed in {ids}"
-        return cfgs[0]  # type: ignore[return-value]
-
-    def manifest(self, cfg: CohortConfig, phase: Phase) -> Manifest:
-        key = layout.state_key(cfg.cohort_id, phase)
-        return parse_manifest(self.store.get(key).body, where=key)
-
-    def result(self, cfg: CohortConfig) -> Result | None:
-        return participant(self.store, "reader").result(cfg.cohort_id)
 
 
 SETTINGS = {
@@ -158,7 +87,7 @@ SETTINGS = {
 }
 
 
-def plaintext_cohort(h: Harness, clients: list[str]) -> CohortConfig:
+def plaintext_cohort(h: SyncFunctions, clients: list[str]) -> CohortConfig:
     """A plaintext cohort in which every member uploads."""
     parts = [participant(h.store, c) for c in clients]
     cfg = h.join(parts)
@@ -168,7 +97,7 @@ def plaintext_cohort(h: Harness, clients: list[str]) -> CohortConfig:
     return cfg
 
 
-def secure_cohort(h: Harness, clients: list[str], *, gone: dict[str, str]) -> CohortConfig:
+def secure_cohort(h: SyncFunctions, clients: list[str], *, gone: dict[str, str]) -> CohortConfig:
     """A secure cohort; ``gone`` maps members to the round they vanish before."""
     parts = {c: participant(h.store, c, "secagg") for c in clients}
     cfg = h.join(list(parts.values()))
@@ -208,7 +137,7 @@ def secure_cohort(h: Harness, clients: list[str], *, gone: dict[str, str]) -> Co
     return cfg
 
 
-def assert_applied(h: Harness, cfg: CohortConfig, members: list[str]) -> None:
+def assert_applied(h: SyncFunctions, cfg: CohortConfig, members: list[str]) -> None:
     res = h.result(cfg)
     assert res is not None and res.status == "applied", res
     assert res.included == sorted(members)
@@ -218,7 +147,7 @@ def assert_applied(h: Harness, cfg: CohortConfig, members: list[str]) -> None:
     assert any(not np.array_equal(new[k], old[k]) for k in TINY)
 
 
-def run_scenario(h: Harness, mode: str) -> set[str]:
+def run_scenario(h: SyncFunctions, mode: str) -> set[str]:
     """Cohorts covering every path of the functions; returns the cohorts that must apply."""
     applied = set()
     h.crashing.mode = mode
@@ -278,7 +207,7 @@ def test_function_recovers_from_a_crash_at_every_call_site(
         store = S3Store.connect(f"crash-{when}-{mode}-{time.time_ns()}", s3_endpoint)
         store.ensure_bucket()
         seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
-        h = Harness(store, {**SETTINGS, "mode": mode}, monkeypatch)
+        h = crash_harness(store, {**SETTINGS, "mode": mode}, monkeypatch)
         applied = run_scenario(h, when)
         assert 0 < h.kills <= h.crashing.crash_points
         assert_consistent(store, applied)
@@ -334,7 +263,7 @@ class Device:
             return None
 
 
-def device_cohort(h: Harness, devices: list[Device]) -> CohortConfig | None:
+def device_cohort(h: SyncFunctions, devices: list[Device]) -> CohortConfig | None:
     """Every live device checks in and plays the rounds; kills land wherever they land."""
     head = find_head(h.store)
     for d in devices:  # a device waits on its pending check-in rather than adding one
@@ -401,7 +330,7 @@ def test_device_killed_at_every_call_site_abandons_cleanly(
     (before or after it) WHEN they restart THEN each cohort either applies without them
     or aborts, nothing is applied twice, and once the kills stop a full cohort applies."""
     seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
-    h = Harness(store, {**SETTINGS, "mode": "secagg"}, monkeypatch)
+    h = crash_harness(store, {**SETTINGS, "mode": "secagg"}, monkeypatch)
     dev_store = CrashingStore(store, call_sites(DEVICE_FILES))
     dev_store.mode = when
     devices = [Device(dev_store, f"d{i:02d}") for i in range(4)]

@@ -1,0 +1,312 @@
+"""Randomized delivery schedules: the invariants hold whatever order events arrive in.
+
+Each hypothesis example is one or two cohorts on a fresh bucket whose members may vanish
+before any round, while the S3 events of their objects are delivered late, twice,
+out of order or several at once on concurrent threads, interleaved at random with the
+devices' own steps and with sweeps, some of them past a deadline. At the end:
+
+- one linear version chain, no cohort applied twice, every cohort ended;
+- no update lost: a member whose input was in the bucket before its cohort's input
+  round closed is counted whenever the cohort applies;
+- the sum invariant: the applied delta equals the weighted plaintext mean of the counted
+  members' updates (exactly up to float32 in plaintext, within the quantization bound
+  under secure aggregation).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedcore import layout
+from fedcore.errors import AlreadyExistsError, NotFoundError, ProtocolError
+from fedcore.layout import Phase
+from fedcore.messages import CohortConfig, Manifest, parse_config
+from fedcore.participant import Participant, Ticket
+from fedcore.secagg.protocol import SecAggParams
+from fedcore.secure_round import SecureRound
+from fedcore.storage import S3Store
+from fedcore.versions import find_head, load_model, seed
+from tests.helpers import TINY, assert_consistent, delta_for, participant
+from tests.sync_functions import SyncFunctions
+
+ROUND_S = 30.0
+WEIGHT_CAP = 100
+SCHEDULES = int(os.environ.get("SCHEDULES", "200"))
+STAGES = ("checkin", "find", "keys", "shares", "inputs", "unmask", "done")
+
+
+@dataclass
+class Member:
+    p: Participant
+    drop_before: str  # a stage name, or "never"
+    samples: int
+    stage: str = "checkin"
+    ticket: Ticket | None = None
+    cfg: CohortConfig | None = None
+    rnd: SecureRound | None = None
+    u2: Manifest | None = None
+    on_time: bool = False  # its input was in the bucket before the input round closed
+    blocked_at: int = -1  # the schedule's generation when it last had to wait
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def client(self) -> str:
+        return self.p.client_id
+
+
+class Schedule:
+    def __init__(self, h: SyncFunctions, members: list[Member], rng: random.Random) -> None:
+        self.h = h
+        self.members = members
+        self.rng = rng
+        self.mode = h.settings.mode
+        self.generation = 0  # bumps whenever the functions ran: waiting members may move
+
+    def manifest(self, cfg: CohortConfig, phase: Phase) -> Manifest | None:
+        try:
+            return self.h.manifest(cfg, phase)
+        except NotFoundError:
+            return None
+
+    def step(self, m: Member) -> bool:
+        """Advance one member by one stage if it can; False if it has to wait."""
+        if m.stage == "done":
+            return False
+        if m.stage == m.drop_before:
+            m.stage = "done"  # vanishes
+            return True
+        try:
+            return self._step(m)
+        except (ProtocolError, AlreadyExistsError) as exc:  # what run_secure_cohort abandons on
+            m.notes.append(str(exc))
+            m.stage = "done"
+            return True
+
+    def _step(self, m: Member) -> bool:
+        if m.stage == "checkin":
+            m.ticket = m.p.check_in(0)
+            m.stage = "find"
+            return True
+        if m.stage == "find":
+            assert m.ticket is not None
+            cfg, m.ticket = m.p.find_cohort(m.ticket)
+            if cfg is None:
+                return False
+            m.cfg = cfg
+            m.stage = "inputs" if self.mode == "plaintext" else "keys"
+            return True
+        cfg = m.cfg
+        assert cfg is not None
+        if m.stage == "keys":
+            m.rnd = SecureRound(m.p, cfg)
+            m.rnd.advertise()
+            m.stage = "shares"
+            return True
+        needs = {"shares": Phase.KEYS, "inputs": Phase.SHARES, "unmask": Phase.INPUTS}
+        prev = self.manifest(cfg, needs[m.stage]) if self.mode == "secagg" else None
+        if self.mode == "secagg":
+            if prev is None:
+                if self.h.result(cfg) is not None:
+                    m.stage = "done"
+                    return True
+                return False
+            if m.client not in prev.members or len(prev.members) < cfg.min_members:
+                m.stage = "done"  # not counted, or the cohort aborts
+                return True
+        if m.stage == "shares":
+            assert m.rnd is not None
+            m.rnd.share(prev)  # type: ignore[arg-type]
+            m.stage = "inputs"
+        elif m.stage == "inputs":
+            m.on_time = self.manifest(cfg, Phase.INPUTS) is None
+            delta = delta_for(m.client, TINY, 0.05)
+            if self.mode == "plaintext":
+                m.p.upload_plain(cfg, delta, num_samples=m.samples, loss=0.5)
+                m.stage = "done"
+            else:
+                assert m.rnd is not None
+                m.u2 = prev
+                m.rnd.upload(prev, delta, num_samples=m.samples)  # type: ignore[arg-type]
+                m.stage = "unmask"
+        elif m.stage == "unmask":
+            assert m.rnd is not None and m.u2 is not None
+            m.rnd.unmask(m.u2, prev)  # type: ignore[arg-type]
+            m.stage = "done"
+        return True
+
+    def deliver_some(self) -> bool:
+        """Deliver one or several queued events: any order, maybe concurrently, maybe twice."""
+        if not self.h.pending:
+            self.h.collect()
+        if not self.h.pending:
+            return False
+        self.generation += 1
+        self.rng.shuffle(self.h.pending)
+        k = min(len(self.h.pending), self.rng.choice([1, 1, 1, 2, 3]))
+        batch = self.h.pending[:k]
+        keep = [i for i in batch if self.rng.random() < 0.25]  # redelivered later
+        self.h.pending = self.h.pending[k:] + keep
+        if k == 1:
+            self.h.deliver_one(batch[0])
+            return True
+        threads = [threading.Thread(target=self.h.deliver_one, args=(i,)) for i in batch]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return True
+
+    def sweep(self, *, late: bool) -> None:
+        self.generation += 1
+        self.h.sweep(advance_s=ROUND_S + 1 if late else 0.0)
+
+    def run(self) -> None:
+        for _ in range(400):
+            live = [m for m in self.members if m.stage != "done"]
+            if not live:
+                break
+            ready = [m for m in live if m.blocked_at != self.generation]
+            r = self.rng.random()
+            if ready and r < 0.5:
+                m = self.rng.choice(ready)
+                if not self.step(m):
+                    m.blocked_at = self.generation  # nothing new to see until the functions run
+            elif r < 0.95:
+                if not self.deliver_some() and not ready:
+                    self.sweep(late=True)  # everyone waits on a deadline
+            else:
+                self.sweep(late=self.rng.random() < 0.3)  # a deadline may pass on stragglers
+        # Whatever is still in flight: deliver it all, and let deadlines close the rest.
+        for _ in range(12):
+            self.h.deliver()
+            if all(self.h.result(c) is not None for c in self.cohorts()):
+                break
+            self.h.sweep(advance_s=ROUND_S + 1)
+
+    def cohorts(self) -> list[CohortConfig]:
+        out = {}
+        for cid in self.h.store.list_prefixes(layout.COHORTS_PREFIX):
+            cid = cid[len(layout.COHORTS_PREFIX) : -1]
+            key = layout.config_key(cid)
+            out[cid] = parse_config(self.h.store.get(key).body, where=key)
+        return list(out.values())
+
+
+def expected_mean(members: list[Member], mode: str) -> tuple[dict[str, np.ndarray], float]:
+    w = {
+        m.client: float(m.samples)
+        if mode == "plaintext"
+        else min(m.samples, WEIGHT_CAP) / WEIGHT_CAP
+        for m in members
+    }
+    total = sum(w.values())
+    mean = {
+        k: sum(w[m.client] * delta_for(m.client, TINY, 0.05)[k].astype(np.float64) for m in members)
+        / total
+        for k in TINY
+    }
+    return mean, total
+
+
+def check_invariants(s: Schedule, store: S3Store) -> None:
+    cohorts = s.cohorts()
+    results = {c.cohort_id: s.h.result(c) for c in cohorts}
+    assert all(r is not None for r in results.values()), f"cohorts left open: {results}"
+    applied = {cid for cid, r in results.items() if r.status == "applied"}  # type: ignore[union-attr]
+    assert_consistent(store, applied)
+    by_client = {m.client: m for m in s.members}
+    for cfg in cohorts:
+        res = results[cfg.cohort_id]
+        assert res is not None
+        members = [by_client[c] for c in cfg.members if c in by_client]
+        if res.status != "applied":
+            assert res.reason, res
+            continue
+        counted = [m for m in members if m.client in res.included]
+        uploaded = {m.client for m in members if m.on_time or m.client in res.included}
+        assert set(res.included) <= uploaded, f"counted without an input: {res.included}"
+        for m in members:
+            if m.on_time and m.cfg is not None and m.cfg.cohort_id == cfg.cohort_id:
+                assert m.client in res.included, f"{m.client}'s on-time input was lost: {res}"
+        new, meta, _ = load_model(store, res.version)  # type: ignore[arg-type]
+        old, _, _ = load_model(store, res.version - 1)  # type: ignore[operator]
+        mean, total = expected_mean(counted, s.mode)
+        if s.mode == "plaintext":
+            atol = 1e-6
+        else:
+            step = SecAggParams.from_dict(cfg.params["secagg"], where="test").quantizer().step
+            atol = 4 * len(counted) * step / total + 1e-6
+        for k in TINY:
+            got = (new[k].astype(np.float64) - old[k]) / meta.weight
+            np.testing.assert_allclose(got, mean[k], atol=atol, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bucket_names() -> Any:
+    return iter(range(10**6))
+
+
+@pytest.mark.timeout(1800)  # 200 schedules in one test: about 3-5 minutes on 2 cores
+@settings(
+    max_examples=SCHEDULES,
+    deadline=None,
+    derandomize=True,  # CI runs the same 200 schedules every time
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    mode=st.sampled_from(["plaintext", "secagg"]),
+    n=st.integers(3, 4),
+    cohorts=st.integers(1, 2),
+    drops=st.lists(
+        st.sampled_from(["never"] * 6 + ["checkin", "keys", "shares", "inputs", "unmask"]),
+        min_size=8,
+        max_size=8,
+    ),
+    schedule_seed=st.integers(0, 2**32 - 1),
+)
+def test_random_schedules_keep_every_invariant(
+    s3_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket_names: Any,
+    mode: str,
+    n: int,
+    cohorts: int,
+    drops: list[str],
+    schedule_seed: int,
+) -> None:
+    store = S3Store.connect(f"sched-{time.time_ns()}-{next(bucket_names)}", s3_endpoint)
+    store.ensure_bucket()
+    seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
+    h = SyncFunctions(
+        store,
+        {
+            "mode": mode,
+            "cohort_size": n,
+            "min_cohort_size": 2,
+            "short_round_s": ROUND_S,
+            "round_deadline_s": ROUND_S,
+            "checkin_wait_s": ROUND_S,
+            "checkin_ttl_s": 1e6,
+            "stuck_after_s": ROUND_S,
+            "secagg_weight_cap": WEIGHT_CAP,
+        },
+        monkeypatch,
+    )
+    rng = random.Random(schedule_seed)
+    members = [
+        Member(participant(store, f"m{i}", mode), drops[i], 10 + 15 * i) for i in range(n * cohorts)
+    ]
+    s = Schedule(h, members, rng)
+    s.run()
+    check_invariants(s, store)
+    assert find_head(store) >= 0
