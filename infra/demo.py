@@ -26,11 +26,13 @@ from typing import Any
 from fedcore import layout
 from fedcore.dp import rdp
 from fedcore.errors import NotFoundError
+from fedcore.gateway import issue_token
 from fedcore.layout import Phase
 from fedcore.messages import parse_result
 from fedcore.status import cohort_ids
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, load_model
+from infra import cost
 from infra.stack import LocalStack
 
 PLAIN_TRAINING = {
@@ -112,6 +114,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="user-level distributed DP: Skellam noise multiplier of each cohort sum (0: off)",
     )
     p.add_argument("--dp-user-clip", type=float, default=1.0, help="user-level DP: L2 clip")
+    p.add_argument(
+        "--direct-s3",
+        action="store_true",
+        help="devices use S3 credentials directly (debugging); default: no credentials, "
+        "enrollment tokens and presigned URLs from the gateway",
+    )
     p.add_argument("--duplicate-events", action="store_true", help="deliver every event twice")
     p.add_argument("--shuffle-events", action="store_true", help="shuffle event delivery order")
     args = p.parse_args(argv)
@@ -168,8 +176,17 @@ def spawn_devices(
             cmd += ["--max-grad-norm", "1.0"]
             cmd += ["--dp-user-noise", str(args.dp_user_noise)]
             cmd += ["--dp-user-clip", str(args.dp_user_clip), "--dp-user-epsilon", "1e9"]
+        dev_env = env
+        if not args.direct_s3:
+            # No bucket, endpoint or AWS keys: an operator token (in the environment, not argv)
+            # enrolls the device's key; everything else goes through presigned URLs.
+            dev_env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+            for name in ("S3_ENDPOINT_URL", "BUCKET"):
+                dev_env.pop(name, None)
+            dev_env["FL_ENROLL_TOKEN"] = issue_token(stack.store, cid, ttl_s=3600)
+            cmd += ["--gateway", stack.gateway_url]
         log = open(logs / f"{cid}.log", "wb")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, env=dev_env, stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 
@@ -237,6 +254,21 @@ def cohort_outcomes(store: S3Store, versions: list[dict[str, Any]]) -> dict[str,
     }
 
 
+def cost_section(stack: LocalStack, versions: list[dict[str, Any]]) -> dict[str, Any]:
+    """What this run would cost on AWS (infra/cost.py; prices in infra/aws-prices.json)."""
+    if stack.s3_meter is None:
+        return {"unavailable": "S3 requests are metered on the embedded S3 server only"}
+    stored = sum(info.size for info in stack.store.list(""))
+    return cost.estimate(
+        stack.s3_meter.usage,
+        stack.invocations,
+        stored_bytes=stored,
+        versions=len(versions),
+        participations=sum(len(v["members"]) for v in versions),
+        prices=cost.load_prices(),
+    )
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -287,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client.train import evaluate
 
     torch.set_num_threads(args.eval_threads)
+    # Devices train tanh under DP-SGD (edge_client run's default); evaluate the same network.
+    activation = "tanh" if args.dp_epsilon else "relu"
     out = args.report.parent
     out.mkdir(parents=True, exist_ok=True)
     mnist = load_mnist(progress=print)  # devices find the cache warm
@@ -326,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             f"function logs in {out / 'functions.log'}"
         )
         params, _, _ = load_model(stack.store, 0)
-        acc0, _ = evaluate(build(params), mnist.test_x, mnist.test_y)
+        acc0, _ = evaluate(build(params, activation=activation), mnist.test_x, mnist.test_y)
         print(f"v0     initial model                                   acc {acc0:.4f}")
         procs = spawn_devices(args, stack, out)
         seen = 0
@@ -355,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
                 seen += 1
                 last_note = time.monotonic()
                 params, meta, _ = load_model(stack.store, seen)
-                acc, loss = evaluate(build(params), mnist.test_x, mnist.test_y)
+                acc, loss = evaluate(
+                    build(params, activation=activation), mnist.test_x, mnist.test_y
+                )
                 elapsed = time.monotonic() - t0
                 entry = {
                     "version": seen,
@@ -395,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             "invocations": stack.pump.stats.invocations if stack.pump else 0,
             "dead_letters": stack.pump.stats.dead_letters if stack.pump else [],
         }
+        report["cost"] = cost_section(stack, report["versions"])
     report["final_test_accuracy"] = (
         report["versions"][-1]["test_accuracy"] if report["versions"] else acc0
     )
@@ -408,6 +445,13 @@ def main(argv: list[str] | None = None) -> int:
             f"(median {last['sample_epsilon_median']:.3f}); user-level epsilon of the last "
             f"release {last['user_epsilon']:.3f}, all releases composed "
             f"{last['user_epsilon_all_releases']:.3f} (delta {args.dp_delta})"
+        )
+    c = report.get("cost", {})
+    if "run_usd" in c:
+        print(
+            f"AWS cost estimate: ${c['run_usd']:.4f} for the run, ${c['per_version_usd'] or 0:.5f} "
+            f"per version, ${c['per_participation_usd'] or 0:.6f} per device participation, "
+            f"plus ${c['storage_per_month_usd']:.5f}/month to store the bucket (see report 'cost')"
         )
     print(
         f"final test accuracy {report['final_test_accuracy']:.4f} after {len(report['versions'])} versions "

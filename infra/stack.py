@@ -2,8 +2,9 @@
 
 ``LocalStack`` runs the *real* handlers in this process against a real S3
 API: the embedded moto server by default, or any endpoint you give (MinIO,
-SeaweedFS, AWS). Run it alone with ``python -m infra.stack`` and point
-devices at the endpoint it prints.
+SeaweedFS, AWS). Events come from the pump's listing, or from a push source
+such as SeaweedFS's webhook bridge (``notifications=``). Run it alone with
+``python -m infra.stack`` and point devices at the endpoint it prints.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ from fedcore.events import scheduled_event
 from fedcore.modelspec import init_params
 from fedcore.storage import S3Store
 from fedcore.versions import read_pointer, seed
-from infra.pump import EventPump, LocalContext, Timer
+from infra.cost import InvocationMeter, S3Meter
+from infra.pump import EventPump, LocalContext, PushSource, Timer
 from infra.s3server import EmbeddedS3
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,7 @@ def seed_bucket(store: S3Store, *, model_seed: int = 0) -> bool:
 
 def route_function_logs(path: Path | None, level: str = "INFO") -> None:
     """Send the handlers' JSON logs (powertools) to a file instead of stdout."""
-    names = ["fl-aggregator", "fl-sweeper", "fedcore"]
+    names = ["fl-aggregator", "fl-sweeper", "fl-gateway", "fedcore"]
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +95,13 @@ class LocalStack:
         workers: int = 4,
         log_path: Path | None = None,
         seed: int | None = None,
+        notifications: PushSource | None = None,
+        gateway: bool = True,
     ) -> None:
         self._given_endpoint = endpoint_url
+        self.gateway = gateway  # serve the device gateway (presigned URLs) on gateway_url
+        self.gateway_url = ""
+        self._gateway: Any = None
         self.bucket = bucket
         self.settings = settings or {}
         self.duplicate = duplicate
@@ -103,16 +111,21 @@ class LocalStack:
         self.workers = workers
         self.log_path = log_path
         self.seed = seed
+        self.notifications = notifications
+        self._unsubscribe: Callable[[], None] | None = None
         self._server: EmbeddedS3 | None = None
         self.endpoint_url = endpoint_url or ""
         self.pump: EventPump | None = None
         self._sweeper: Timer | None = None
         self.sweeps = 0
+        self.invocations = InvocationMeter()  # per-function calls and busy seconds (cost report)
+        self.s3_meter: S3Meter | None = None  # requests and bytes, on the embedded server only
 
     def start(self) -> LocalStack:
         if self._given_endpoint is None:
             self._server = EmbeddedS3().start()
             self.endpoint_url = self._server.endpoint_url
+            self.s3_meter = self._server.meter
         os.environ["BUCKET"] = self.bucket
         os.environ["S3_ENDPOINT_URL"] = self.endpoint_url
         os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
@@ -125,31 +138,48 @@ class LocalStack:
         from functions.aggregator.app import handler as aggregate
         from functions.sweeper.app import handler as sweep
 
+        if self.gateway:
+            import functions.gateway.app  # noqa: F401 - its loggers exist before routing
+
         route_function_logs(self.log_path)
         self.store = S3Store.connect(self.bucket, self.endpoint_url)
         seed_bucket(self.store)
         self.pump = EventPump(
             self.store,
-            aggregate,
+            self.invocations.timed("aggregator", aggregate),
             interval_s=self.pump_interval_s,
             workers=self.workers,
             duplicate=self.duplicate,
             shuffle=self.shuffle,
             seed=self.seed,
+            listing=self.notifications is None,
         ).start()
+        if self.notifications is not None:
+            self._unsubscribe = self.notifications.subscribe(self.bucket, self.pump.push)
+
+        timed_sweep = self.invocations.timed("sweeper", sweep)
 
         def run_sweeper() -> None:
-            sweep(scheduled_event(), LocalContext("sweeper"))
+            timed_sweep(scheduled_event(), LocalContext("sweeper"))
             self.sweeps += 1
 
         self._sweep_once = run_sweeper
         self._sweeper = Timer(run_sweeper, self.sweep_interval_s, "sweeper").start()
+        if self.gateway:
+            from infra.gateway_server import GatewayServer
+
+            self._gateway = GatewayServer(wrap=self.invocations.timed).start()
+            self.gateway_url = self._gateway.url
         return self
 
     def sweep_now(self) -> None:
         self._sweep_once()
 
     def stop(self) -> None:
+        if self._gateway:
+            self._gateway.stop()
+        if self._unsubscribe:  # before the pump stops taking events
+            self._unsubscribe()
         if self._sweeper:
             self._sweeper.stop()
         if self.pump:
@@ -193,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         log_path=args.log,
     ).start()
     print(f"S3 endpoint {endpoint}  bucket {args.bucket}  function logs {args.log}")
+    print(
+        f"device gateway {stack.gateway_url}; issue a token:  S3_ENDPOINT_URL={endpoint} "
+        f"BUCKET={args.bucket} python -m infra.enroll issue --client dev-1"
+    )
+    print(
+        f"run a device through the gateway:  python -m edge_client run --gateway "
+        f"{stack.gateway_url} --enroll-token TOKEN --client-id dev-1 --num-shards 10 --shard 0"
+    )
     print(
         f"run a device:  S3_ENDPOINT_URL={endpoint} BUCKET={args.bucket} "
         "python -m edge_client run --client-id dev-1 --num-shards 10 --shard 0"
