@@ -66,9 +66,20 @@ log = logging.getLogger(__name__)
 
 
 def flatten_weighted(delta: Mapping[str, np.ndarray], weight: float) -> np.ndarray:
-    """[w * delta (parameters in sorted-name order), w]: what the cohort sums."""
-    parts = [np.asarray(delta[name], dtype=np.float64).ravel() * weight for name in sorted(delta)]
-    return np.concatenate([*parts, [weight]])
+    """[w * delta (parameters in sorted-name order), w]: what the cohort sums.
+
+    Written straight into one float64 vector: no per-tensor temporaries, and the
+    result is the caller's own, so the quantizer may work on it in place.
+    """
+    names = sorted(delta)
+    out = np.empty(sum(np.size(delta[n]) for n in names) + 1, dtype=np.float64)
+    at = 0
+    for name in names:
+        part = np.asarray(delta[name]).ravel()
+        np.multiply(part, weight, out=out[at : at + part.size])
+        at += part.size
+    out[at] = weight
+    return out
 
 
 class SecureRound:
@@ -219,7 +230,7 @@ class SecureRound:
             weight = min(num_samples, self.params.weight_cap) / self.params.weight_cap
             vec = flatten_weighted(delta, weight)
             rng = np.random.default_rng(secrets.randbits(128))  # rounding only; not a secret
-            q, self.clipped = self.params.quantizer().quantize(vec, rng)
+            q, self.clipped = self.params.quantizer().quantize(vec, rng, in_place=True)
         pair_seeds = {
             v: crypto.pair_mask_seed(
                 self._s_sk,

@@ -51,19 +51,26 @@ class Quantizer:
     def step(self) -> float:
         return 2.0 * self.clip / self.levels
 
-    def quantize(self, x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    def quantize(
+        self, x: np.ndarray, rng: np.random.Generator, *, in_place: bool = False
+    ) -> tuple[np.ndarray, int]:
         """(uint32 codes, number of clipped coordinates).
 
         Stochastic rounding as floor(s + u), u ~ U[0, 1): it rounds up with
         probability frac(s), like comparing u against frac(s), in two passes
         fewer. Working in place on one float64 buffer keeps this under a third
-        of a device's masking cost at the real model size.
+        of a device's masking cost at the real model size; ``in_place`` lets a
+        caller that owns a float64 ``x`` skip even that buffer (``x`` is then
+        overwritten).
         """
         x = np.asarray(x)
         if not np.isfinite(x).all():
             raise ValueError("cannot quantize NaN or infinity")
         clipped = int(np.count_nonzero(np.abs(x) > self.clip))
-        s = np.clip(x, -self.clip, self.clip, dtype=np.float64)
+        if in_place and x.dtype == np.float64 and x.flags.writeable:
+            s = np.clip(x, -self.clip, self.clip, out=x)
+        else:
+            s = np.clip(x, -self.clip, self.clip, dtype=np.float64)
         s += self.clip
         s *= 1.0 / self.step
         # float32 uniforms (twice as fast to draw) bias the rounding by < 2^-24 of a step.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -134,10 +135,10 @@ def test_masks_cancel_for_any_survivor_set(n: int, k: int, data: st.DataObject) 
 def test_masked_upload_bytes_look_uniform() -> None:
     """GIVEN a masked upload of an all-zero input THEN a chi-square test on its bytes does
     not reject uniformity at the 1% level (256 bins, 65,536 bytes)."""
+    # Fixed seeds: with fresh random ones a correct PRG would still fail 1% of runs.
+    seed_a, seed_b = (hashlib.sha256(label).digest() for label in (b"self", b"pair"))
     q = np.zeros(16384, dtype=np.uint32)
-    y = mask_input(
-        q, me="a", self_seed=secrets.token_bytes(32), pair_seeds={"b": secrets.token_bytes(32)}
-    )
+    y = mask_input(q, me="a", self_seed=seed_a, pair_seeds={"b": seed_b})
     counts = np.bincount(np.frombuffer(y.tobytes(), dtype=np.uint8), minlength=256)
     expected = counts.sum() / 256
     chi2 = float(((counts - expected) ** 2 / expected).sum())
