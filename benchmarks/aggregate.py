@@ -31,7 +31,10 @@ repetitions the bucket is rolled back to its state before the phase.
 
 Run: ``.venv/bin/python -m benchmarks.aggregate`` (n = 10, 100, 500; the
 n = 500 cohort takes minutes to build on 2 cores). Writes
-``benchmarks/results/aggregate.json``. ``AGGREGATE_PROFILE_DIR=dir`` saves a
+``benchmarks/results/aggregate.json``. ``--server seaweedfs`` runs the same
+against a SeaweedFS process (``aggregate_seaweedfs.json``): a Go server spends
+far less CPU per byte served than moto, which on 2 shared cores decides how
+much of the function's own CPU work can overlap its reads. ``AGGREGATE_PROFILE_DIR=dir`` saves a
 cProfile of each function child there.
 """
 
@@ -50,12 +53,14 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results" / "aggregate.json"
+RESULTS_SEAWEED = RESULTS.with_name("aggregate_seaweedfs.json")
 BIG_OBJECT = 1 << 20  # GETs at least this large are model-sized (READ_CONCURRENCY pool)
 
 
@@ -113,6 +118,12 @@ def cpu_s() -> float:
     """CPU seconds (user + system, all threads) this process has used."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of another process: the SeaweedFS server."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb() -> float:
@@ -377,7 +388,14 @@ def function_env(bucket: str, endpoint: str, settings: Any) -> dict[str, str]:
 
 
 def run_cohort(
-    endpoint: str, n: int, drop: float, run_id: str, *, repeats: int, workers: int
+    endpoint: str,
+    n: int,
+    drop: float,
+    run_id: str,
+    *,
+    repeats: int,
+    workers: int,
+    server_cpu_s: Callable[[], float] = cpu_s,
 ) -> dict[str, Any]:
     from benchmarks.secagg import _empty, settings_for
     from fedcore.layout import Phase
@@ -427,16 +445,18 @@ def run_cohort(
         runs: list[dict[str, dict[str, Any]]] = [{} for _ in range(repeats)]
         for rep in range(repeats):  # the last repetition's manifest and sum stay
             runs[rep]["close"] = measure(
-                "close", base, env, settings, n, rep, rollback=rep < repeats - 1
-            )
+                "close", base, env, settings, n, rep, rollback=rep < repeats - 1,
+                server_cpu_s=server_cpu_s,
+            )  # fmt: skip
         u3 = coord.manifest(cohort, Phase.INPUTS)
         assert u3 is not None and sorted(u3.members) == sorted(survivors), "input round"
         reveals = step("unmask_s", lambda: pool.call("unmask", (u2, u3)))
         spec = {**base, "last_unmask": reveals[-1]}
         for rep in range(repeats):
             runs[rep]["finalize"] = measure(
-                "finalize", spec, env, settings, n, rep, rollback=rep < repeats - 1
-            )
+                "finalize", spec, env, settings, n, rep, rollback=rep < repeats - 1,
+                server_cpu_s=server_cpu_s,
+            )  # fmt: skip
     finally:
         pool.close()
     build["total_s"] = round(time.perf_counter() - t0, 1)
@@ -463,17 +483,22 @@ def measure(
     rep: int,
     *,
     rollback: bool = True,
+    server_cpu_s: Callable[[], float] = cpu_s,
 ) -> dict[str, Any]:
-    """One phase in a fresh child, then the read-only replay in another; roll back after."""
+    """One phase in a fresh child, then the read-only replay in another; roll back after.
+
+    ``server_cpu_s`` reads the S3 server's CPU clock: this process's when it
+    hosts moto, the weed process's for SeaweedFS.
+    """
     from fedcore.storage import S3Store
 
     store = S3Store.connect(spec["bucket"], spec["endpoint"])
     snap = Snapshot(store)
     prof = os.environ.get("AGGREGATE_PROFILE_DIR")
     spec = {**spec, "profile": f"{prof}/{phase}-{n}-{rep}.prof" if prof else None}
-    server_cpu = cpu_s()  # this process hosts the moto server; it idles otherwise
+    server_cpu = server_cpu_s()  # this process idles while a child runs
     fn = run_child(phase, spec, env)
-    server_cpu = cpu_s() - server_cpu
+    server_cpu = server_cpu_s() - server_cpu
     results = [inv["result"] for inv in fn["invocations"]]
     if phase == "close":
         ok = results[0]["closed"] == 1
@@ -487,9 +512,9 @@ def measure(
         "read_concurrency": settings.read_concurrency,
         "invocations": [inv["gets"] for inv in fn["invocations"]],
     }
-    ro_server_cpu = cpu_s()
+    ro_server_cpu = server_cpu_s()
     ro = run_child("read", read_spec, env)
-    ro_server_cpu = cpu_s() - ro_server_cpu
+    ro_server_cpu = server_cpu_s() - ro_server_cpu
     if rollback:
         snap.restore()
     wall = sum(inv["wall_s"] for inv in fn["invocations"])
@@ -582,7 +607,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop", type=float, default=0.1, help="fraction dropping after sharing")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--server", choices=["moto", "seaweedfs"], default="moto",
+        help="the S3 server: moto in this process, or a SeaweedFS (Go) process",
+    )  # fmt: skip
+    ap.add_argument("--out", type=Path, default=None, help=f"default {RESULTS.name}")
     ap.add_argument("--child", choices=["close", "finalize", "read"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -600,7 +629,17 @@ def main(argv: list[str] | None = None) -> int:
     from fedcore.modelspec import num_parameters
     from infra.s3server import EmbeddedS3
 
-    server = EmbeddedS3().start()
+    if args.out is None:
+        args.out = RESULTS if args.server == "moto" else RESULTS_SEAWEED
+    if args.server == "moto":
+        server: Any = EmbeddedS3().start()
+        server_cpu_s = cpu_s
+    else:
+        from infra.seaweed import SeaweedFS
+
+        server = SeaweedFS().start()
+        pid = server.pid
+        server_cpu_s = lambda: process_cpu_s(pid)  # noqa: E731
     rows = []
     run_id = str(int(time.time()))
     try:
@@ -613,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_id,
                 repeats=args.repeats,
                 workers=args.workers,
+                server_cpu_s=server_cpu_s,
             )
             rows.append(row)
             s = row["summary"]
@@ -654,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
+            "s3_server": args.server,
             "moto": moto.__version__,
             "boto3": boto3.__version__,
             "numpy": np.__version__,

@@ -355,6 +355,21 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                 ls="--",
                 label=f"user-level, z {row['noise_multiplier']}",
             )
+    scale = path.with_name("scale_user_dp.json")  # benchmarks/scale.py --dp-user-noise Z
+    if scale.exists():
+        run = json.loads(scale.read_text())
+        pts = [
+            (p["device_epsilon_max"], p["test_accuracy"]) for p in run["accuracy_vs_user_epsilon"]
+        ]
+        if pts:
+            ax.plot(
+                *zip(*pts, strict=True),
+                marker="^",
+                ls=":",
+                label=f"user-level, {run['target']['devices']} devices in cohorts of "
+                f"{run['target']['cohort_size']}, z {run['server']['dp_user_noise']} "
+                "(scale.py; most-spent device)",
+            )
     for ref in REFERENCES["opacus_mnist_example"] + REFERENCES["tramer_boneh_2021_end_to_end_cnn"]:
         ax.scatter([ref["epsilon"]], [ref["accuracy"]], marker="*", color="k")
     ax.set_xscale("log")
@@ -385,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: cost,sample,user")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        print(f"wrote {args.out.with_suffix('.png')}")
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     if args.quick:
         args.epsilons, args.rounds, args.user_noises, args.user_rounds = "3", 1, "1", 1

@@ -210,6 +210,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sim.add_argument("--secagg-degree", type=int, default=0, help="0: SecAgg+ default (log n)")
     sim.add_argument("--round-deadline-s", type=float, default=600.0)
     sim.add_argument("--short-round-s", type=float, default=120.0)
+    sim.add_argument(
+        "--dp-user-noise", type=float, default=0.0,
+        help="user-level distributed DP noise multiplier z for every cohort (0: off)",
+    )  # fmt: skip
+    sim.add_argument("--dp-user-clip", type=float, default=1.0, help="L2 clip of each delta")
     sim.add_argument("--drop-prob", type=float, default=0.0)
     sim.add_argument("--drop-at", choices=["keys", "shares", "inputs"], default="inputs")
     sim.add_argument("--target-accuracy", type=float, default=0.0, help="stop at this accuracy")
@@ -424,6 +429,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         "short_round_s": args.short_round_s,
         "secagg_degree": args.secagg_degree,
     }
+    if args.dp_user_noise > 0:
+        if args.plaintext:
+            print("--dp-user-noise needs secure aggregation (drop --plaintext)", file=sys.stderr)
+            return 2
+        server |= {"dp_user_noise": args.dp_user_noise, "dp_user_clip": args.dp_user_clip}
     rule = StopRule(args.target_accuracy, args.max_versions, args.max_minutes * 60)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     report = run(

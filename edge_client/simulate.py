@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from fedcore import layout
+from fedcore.dp import rdp
 from fedcore.errors import (
     AlreadyExistsError,
     FedError,
@@ -784,6 +785,39 @@ def overlapping_participations(records: list[dict[str, Any]]) -> list[tuple[str,
     return bad
 
 
+class UserPrivacyTally:
+    """Each device's user-level spend: the RDP of every release it was a member of, composed.
+
+    The device code accounts the worst case (only the minimum survive) before it
+    uploads; this tally composes what each release actually states (its
+    survivors' noise), which is the guarantee a published version carries.
+    """
+
+    def __init__(self) -> None:
+        self.ledgers: dict[str, rdp.Ledger] = {}
+        self.epsilons: dict[str, float] = {}
+
+    def add(self, privacy: Any, members: list[str]) -> dict[str, Any] | None:
+        user = (privacy or {}).get("user_level") if isinstance(privacy, dict) else None
+        if not user:
+            return None
+        for m in members:
+            ledger = self.ledgers.get(m, rdp.Ledger(orders=list(user["rdp_orders"])))
+            self.ledgers[m] = ledger.plus(user["rdp"])
+            self.epsilons[m] = self.ledgers[m].epsilon(user["delta"])
+        spent = sorted(self.epsilons.values())
+        return {
+            "user_epsilon": user["epsilon"],
+            "user_epsilon_device_max": spent[-1],
+            "user_epsilon_device_median": spent[len(spent) // 2],
+            "devices_with_spend": len(spent),
+            "noise_multiplier": user["noise_multiplier"],
+            "effective_noise_multiplier": user["effective_noise_multiplier"],
+            "clip": user["clip"],
+            "delta": user["delta"],
+        }
+
+
 def watch_versions(
     store: ObjectStore,
     sim: Simulation,
@@ -799,6 +833,7 @@ def watch_versions(
     ``max_s`` seconds, or every worker has exited; samples cohorts in flight meanwhile."""
     t0 = time.monotonic()
     seen = find_head(store)
+    privacy = UserPrivacyTally()
     while time.monotonic() - t0 < max_s:
         sim.drain(sample_s)
         flight.sample()
@@ -821,6 +856,9 @@ def watch_versions(
                 "participations": sim.tally.participations,
                 "devices_participated": len(sim.tally.devices_seen),
             }
+            spent = privacy.add(meta.metrics.get("privacy"), list(meta.members))
+            if spent:
+                entry["privacy"] = spent
             on_version(entry)
             yield entry
             if stop_when(seen, acc):
@@ -831,11 +869,18 @@ def watch_versions(
 
 def progress_line(entry: dict[str, Any]) -> str:
     acc = entry["test_accuracy"]
+    spent = entry.get("privacy")
+    eps = (
+        f"  user eps release {spent['user_epsilon']:.2f} device max "
+        f"{spent['user_epsilon_device_max']:.2f}"
+        if spent
+        else ""
+    )
     return (
         f"v{entry['version']:<4} acc {acc if acc is None else f'{acc:.4f}'}  "
         f"in flight {entry['cohorts_in_flight']:<3} staleness {entry['staleness']:<3} "
         f"members {entry['members']:<4} participations {entry['participations']:<6} "
-        f"devices {entry['devices_participated']:<5} {entry['elapsed_s']:8.1f}s"
+        f"devices {entry['devices_participated']:<5} {entry['elapsed_s']:8.1f}s{eps}"
     )
 
 

@@ -335,6 +335,13 @@ class SeaweedFS:
         self._client: Any = None
         self._ports: dict[str, int] = {}
 
+    @property
+    def pid(self) -> int:
+        """The weed process (for measuring what the server itself spends)."""
+        if self._proc is None:
+            raise RuntimeError("SeaweedFS is not running")
+        return self._proc.pid
+
     # -- lifecycle -----------------------------------------------------------
     def command(self, d: Path, ports: dict[str, int]) -> list[str]:
         """The DESIGN.md section 7 command, plus explicit ports and no telemetry."""

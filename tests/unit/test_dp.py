@@ -133,6 +133,27 @@ def test_release_accounting_uses_the_survivors_noise() -> None:
     assert few["epsilon"] == pytest.approx(gauss, rel=0.01)
 
 
+def test_simulation_composes_each_devices_releases() -> None:
+    """The scale run's per-device spend: a device in two releases has spent both."""
+    from edge_client.simulate import UserPrivacyTally
+
+    dp = _dp(z=1.0)
+    one = dp.release(10, 1000)
+    tally = UserPrivacyTally()
+    assert tally.add(None, ["a"]) is None and tally.add({}, ["a"]) is None
+    first = tally.add({"user_level": one}, ["a", "b", "c"])
+    assert first is not None
+    assert first["user_epsilon_device_max"] == pytest.approx(one["epsilon"])
+    second = tally.add({"user_level": one}, ["a", "d"])
+    assert second is not None
+    twice = rdp.epsilon(one["rdp_orders"], [2 * r for r in one["rdp"]], one["delta"])[0]
+    assert second["user_epsilon_device_max"] == pytest.approx(twice)
+    assert twice > one["epsilon"]
+    # a, b, c, d: one device spent twice, three once; the median is a single release.
+    assert second["devices_with_spend"] == 4
+    assert second["user_epsilon_device_median"] == pytest.approx(one["epsilon"])
+
+
 def test_noise_never_wraps_the_modular_sum() -> None:
     """GIVEN the largest noise a cohort can carry THEN 12 standard deviations plus the
     members' code spread fit in the signed 32-bit window the decoder reads."""
