@@ -106,7 +106,8 @@ class SecureRound:
         self._own_b_share = 0
         self._peer_keys: dict[str, KeysMsg] = {}
         self._identities: dict[str, bytes] = {}
-        self.clipped = 0
+        self.clipped = 0  # coordinates clipped by the quantizer (the range was too small)
+        self.dp_norm: float | None = None  # L2 norm of the delta before the user-level clip
         self.privacy_rdp: list[float] | None = None  # user-level RDP this upload may spend
 
     # -- helpers ------------------------------------------------------------
@@ -223,8 +224,17 @@ class SecureRound:
         if "dp" in self.cfg.params:  # user-level DP: clip, quantize, add this member's noise
             dp = DistributedDP.from_dict(self.cfg.params["dp"], where=self.cfg.cohort_id)
             flat = flatten_weighted(delta, 1.0)[:-1]
-            q, norm = dp.privatize(flat, secure_generator())
-            self.clipped = int(norm > dp.clip)
+            q, self.dp_norm = dp.privatize(flat, secure_generator())
+            if self.dp_norm > dp.clip:  # expected under DP: the clip bounds each member's say
+                log.info(
+                    "delta scaled down to the user-level DP clip",
+                    extra={
+                        "client_id": self.me,
+                        "cohort_id": self.cfg.cohort_id,
+                        "norm": round(self.dp_norm, 4),
+                        "clip": dp.clip,
+                    },
+                )
             self.privacy_rdp = dp.worst_case_rdp(self.cfg.min_members, flat.size)
         else:
             weight = min(num_samples, self.params.weight_cap) / self.params.weight_cap
@@ -398,7 +408,12 @@ def run_secure_cohort(
             return "abandoned"
         rnd.upload(u2, delta, num_samples=num_samples)
         on_uploaded(rnd)  # e.g. the device books the release's privacy cost
-        say(f"{cid}: masked update uploaded ({num_samples} samples, {rnd.clipped} values clipped)")
+        clip = (
+            "" if rnd.dp_norm is None else f", delta L2 norm {rnd.dp_norm:.3f} before the DP clip"
+        )
+        say(
+            f"{cid}: masked update uploaded ({num_samples} samples, {rnd.clipped} values clipped{clip})"
+        )
         if drop_at == "inputs":
             say(f"{cid}: dropping out after uploading")
             return "dropped"
