@@ -65,7 +65,7 @@ class ParsedKey:
 
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a safe identifier, else raise ``ValueError``."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise ValueError(
             f"invalid {what} {value!r}: use 1-64 of [A-Za-z0-9_.-], not starting with . or -"
         )
@@ -79,11 +79,11 @@ def cohort_id(seq: int) -> str:
 
 
 def is_cohort_id(value: str) -> bool:
-    return bool(_COHORT_RE.match(value))
+    return bool(_COHORT_RE.fullmatch(value))
 
 
 def cohort_seq(cid: str) -> int:
-    m = _COHORT_RE.match(cid)
+    m = _COHORT_RE.fullmatch(cid)
     if not m:
         raise ValueError(f"invalid cohort id {cid!r}")
     return int(m.group(1))
@@ -177,7 +177,7 @@ def parse_key(key: str) -> ParsedKey:
     from fedcore.errors import UnknownKeyError
 
     for pattern, kind in _PATTERNS:
-        m = pattern.match(key)
+        m = pattern.fullmatch(key)
         if not m:
             continue
         groups = m.groupdict()

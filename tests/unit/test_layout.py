@@ -41,6 +41,8 @@ def test_every_key_parses_back(client: str, nonce: str, seq: int, version: int) 
         "cohorts/c00000001/other/a.json",
         "random",
         "",
+        "global/latest.json\n",  # `$` alone would let a trailing newline through
+        "cohorts/c00000001/config.json\n",
     ],
 )
 def test_keys_outside_the_layout_are_refused(key: str) -> None:
@@ -48,7 +50,7 @@ def test_keys_outside_the_layout_are_refused(key: str) -> None:
         layout.parse_key(key)
 
 
-@pytest.mark.parametrize("bad", ["", "../x", "a/b", "-x", ".x", "a" * 65, "a b", "ä"])
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "-x", ".x", "a" * 65, "a b", "ä", "a\n"])
 def test_unsafe_ids_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         layout.checkin_key(bad, "n1")
