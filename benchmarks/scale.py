@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dp-user-noise", type=float, default=0.0,
         help="user-level distributed DP noise multiplier z (0: off)",
     )  # fmt: skip
-    ap.add_argument("--dp-user-clip", type=float, default=0.5, help="L2 clip of each delta")
+    ap.add_argument("--dp-user-clip", type=float, default=1.0, help="L2 clip of each delta")
     ap.add_argument("--out", type=Path, default=None, help=f"default {RESULTS.name}")
     args = ap.parse_args(argv)
     if args.out is None:

@@ -798,7 +798,7 @@ class UserPrivacyTally:
         self.epsilons: dict[str, float] = {}
 
     def add(self, privacy: Any, members: list[str]) -> dict[str, Any] | None:
-        user = (privacy or {}).get("user_level") if isinstance(privacy, dict) else None
+        user = privacy.get("user_level") if isinstance(privacy, dict) else None
         if not user:
             return None
         for m in members:

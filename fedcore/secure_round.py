@@ -408,12 +408,10 @@ def run_secure_cohort(
             return "abandoned"
         rnd.upload(u2, delta, num_samples=num_samples)
         on_uploaded(rnd)  # e.g. the device books the release's privacy cost
-        clip = (
-            "" if rnd.dp_norm is None else f", delta L2 norm {rnd.dp_norm:.3f} before the DP clip"
-        )
-        say(
-            f"{cid}: masked update uploaded ({num_samples} samples, {rnd.clipped} values clipped{clip})"
-        )
+        detail = f"{num_samples} samples, {rnd.clipped} values clipped"
+        if rnd.dp_norm is not None:
+            detail += f", delta L2 norm {rnd.dp_norm:.3f} before the DP clip"
+        say(f"{cid}: masked update uploaded ({detail})")
         if drop_at == "inputs":
             say(f"{cid}: dropping out after uploading")
             return "dropped"
