@@ -240,8 +240,8 @@ def run_cohort(endpoint: str, n: int, drop: float, run_id: str) -> dict[str, Any
         "n": n,
         "dropout": drop,
         "dropped": len(dropped),
-        "k": cfg.params["secagg"]["k"],
-        "t": cfg.params["secagg"]["t"],
+        "k": cfg.secagg.k,
+        "t": cfg.secagg.t,
         "client": {
             step: {
                 "median_s": statistics.median(v["total"]),

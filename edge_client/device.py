@@ -29,9 +29,8 @@ from edge_client.privacy import (
     train_local_dp,
 )
 from edge_client.train import TrainSettings, train_local
-from fedcore.dp.distributed import DistributedDP
 from fedcore.errors import IntegrityError, NotFoundError, StorageError, UnusableUpdateError
-from fedcore.messages import CohortConfig
+from fedcore.messages import CohortConfig, Mode
 from fedcore.modelspec import num_parameters
 from fedcore.participant import Participant
 from fedcore.secure_round import SecureRound, run_secure_cohort
@@ -157,18 +156,18 @@ class Device:
         if cfg is None:
             return not self.stop.is_set()
         self.log(
-            f"joined {cfg.cohort_id} ({len(cfg.members)} members, base version {cfg.base_version}, {cfg.mode})"
+            f"joined {cfg.cohort_id} ({len(cfg.members)} members, base version {cfg.base_version}, {cfg.mode.value})"
         )
         if cfg.mode != self.p.mode:
             self.log(
-                f"refusing {cfg.cohort_id}: it runs {cfg.mode!r} but this device runs {self.p.mode!r}"
+                f"refusing {cfg.cohort_id}: it runs {cfg.mode.value!r} but this device runs {self.p.mode!r}"
             )
             self._last_base = cfg.base_version
             return True
         if (refusal := self._user_dp_refusal(cfg)) is not None:
             self.log(refusal)
             return False
-        if cfg.mode == "secagg":
+        if cfg.mode is Mode.SECAGG:
             drop = self.loop.drop_at if random.random() < self.loop.drop_prob else None
             outcome = run_secure_cohort(
                 self.p, cfg, lambda: self._train(cfg), drop_at=drop, poll_s=self.loop.poll_s / 2,
@@ -205,9 +204,8 @@ class Device:
         want = self.privacy.user if self.privacy else None
         if want is None or self.budget is None:
             return None
-        if "dp" not in cfg.params:
+        if (dp := cfg.dp) is None:
             return f"refusing {cfg.cohort_id}: it has no user-level DP and this device requires it"
-        dp = DistributedDP.from_dict(cfg.params["dp"], where=cfg.cohort_id)
         if dp.noise_multiplier < want.min_noise or dp.clip > want.max_clip:
             return (
                 f"refusing {cfg.cohort_id}: noise {dp.noise_multiplier} / clip {dp.clip} is weaker "

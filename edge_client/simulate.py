@@ -60,6 +60,7 @@ from fedcore.layout import Kind, Phase
 from fedcore.messages import (
     CohortConfig,
     Manifest,
+    Mode,
     Pointer,
     Result,
     parse_config,
@@ -465,13 +466,13 @@ class Worker:
         d.cfg, d.joined_at = cfg, time.time()
         d.deadline = time.monotonic() + sum(cfg.phase_s.values()) + self.s.slack_s
         if cfg.mode != d.device.p.mode:
-            self._finish(d, "refused", f"cohort runs {cfg.mode!r}")
+            self._finish(d, "refused", f"cohort runs {cfg.mode.value!r}")
             return "join"
         if (refusal := d.device._user_dp_refusal(cfg)) is not None:
             self._finish(d, "refused", refusal)
             return "join"
         d.drop_at = self.s.drop_at if self.rng.random() < self.s.drop_prob else None
-        if cfg.mode == "plaintext":
+        if cfg.mode is Mode.PLAINTEXT:
             d.stage = Stage.TRAIN
             self._queue_training(d)
             return "join"
@@ -527,7 +528,7 @@ class Worker:
             return
         finally:
             self.stats.add("train", time.perf_counter() - t0)
-        if d.cfg.mode == "plaintext":
+        if d.cfg.mode is Mode.PLAINTEXT:
             try:
                 dev.p.upload_plain(d.cfg, delta, num_samples=n, loss=dev._loss)
             except (AlreadyExistsError, StorageError) as exc:

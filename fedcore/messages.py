@@ -10,15 +10,28 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from fedcore.codec import load_json_object
+from fedcore.dp.distributed import DistributedDP
 from fedcore.errors import IntegrityError
 from fedcore.layout import Phase, check_id, cohort_seq
+from fedcore.secagg.protocol import SecAggParams
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_INT = 2**53  # JSON integers beyond a double's exact range are refused (and never a count)
-MODES = ("secagg", "plaintext")  # plaintext: explicit debugging/measurement mode, never a fallback
+
+
+class Mode(StrEnum):
+    """How a cohort aggregates. Plaintext is an explicit debugging/measurement mode,
+    never a fallback: a device or function configured for one refuses the other."""
+
+    SECAGG = "secagg"
+    PLAINTEXT = "plaintext"
+
+
+MODES = tuple(m.value for m in Mode)
 
 T = TypeVar("T")
 
@@ -96,20 +109,53 @@ class CohortConfig:
     ``phase_s`` maps a phase name to its time limit in seconds, counted from
     the close of the previous phase (or from ``created_at`` for the first):
     the sweeper then closes the phase with whoever has written.
+
+    Typed once, at the boundary (``parse_config``): ``secagg`` is present exactly
+    when ``mode`` is ``Mode.SECAGG`` (and validated for the member count), ``dp``
+    only with it. On the wire both sit under ``params`` (``to_doc``), so the
+    objects in the bucket keep their shape.
     """
 
     cohort_id: str
     base_version: int
     members: dict[str, str]
-    mode: str
+    mode: Mode
     min_members: int
     created_at: float
     phase_s: dict[str, float]
     server_lr: float = 1.0
-    params: dict[str, Any] = field(default_factory=dict)
+    secagg: SecAggParams | None = None
+    dp: DistributedDP | None = None  # user-level distributed DP (secagg only)
+    staleness_weight: str | None = None  # the FedBuff rule; None: the server's setting
     # secagg: each member's enrolled Ed25519 public key (b64), pinned at formation,
     # so that neither the function nor the devices fetch identities per message.
     identities: dict[str, str] = field(default_factory=dict)
+
+    def to_doc(self) -> dict[str, Any]:
+        """The JSON object written to ``config.json`` (``parse_config``'s inverse)."""
+        params: dict[str, Any] = {}
+        if self.staleness_weight is not None:
+            params["staleness_weight"] = self.staleness_weight
+        if self.secagg is not None:
+            params["secagg"] = asdict(self.secagg)
+        if self.dp is not None:
+            params["dp"] = self.dp.to_dict()
+        return {
+            "cohort_id": self.cohort_id,
+            "base_version": self.base_version,
+            "members": self.members,
+            "mode": self.mode.value,
+            "min_members": self.min_members,
+            "created_at": self.created_at,
+            "phase_s": self.phase_s,
+            "server_lr": self.server_lr,
+            "params": params,
+            "identities": self.identities,
+        }
+
+
+def encode_config(cfg: CohortConfig) -> bytes:
+    return json.dumps(cfg.to_doc(), sort_keys=True, separators=(",", ":")).encode()
 
 
 def parse_config(blob: bytes, *, where: str) -> CohortConfig:
@@ -130,16 +176,36 @@ def parse_config(blob: bytes, *, where: str) -> CohortConfig:
     identities = _opt_dict(doc, "identities", where)
     if not all(isinstance(v, str) for v in identities.values()):
         raise IntegrityError(f"{where}: identities must map member ids to base64 strings")
+    mode_name = _req(doc, "mode", str, where)
+    if mode_name not in MODES:
+        raise IntegrityError(f"{where}: unknown mode {mode_name!r}")
+    mode = Mode(mode_name)
+    params = _opt_dict(doc, "params", where)
+    if unknown := sorted(set(params) - {"staleness_weight", "secagg", "dp"}):
+        raise IntegrityError(f"{where}: unknown params {unknown}")
+    staleness = params.get("staleness_weight")
+    if staleness is not None and not isinstance(staleness, str):
+        raise IntegrityError(f"{where}: params.staleness_weight must be a string")
+    secagg = dp = None
+    if mode is Mode.SECAGG:
+        secagg = SecAggParams.from_dict(params.get("secagg"), where=where)
+        secagg.validate(len(members), where=where)
+        if "dp" in params:
+            dp = DistributedDP.from_dict(params["dp"], where=where)
+    elif "secagg" in params or "dp" in params:
+        raise IntegrityError(f"{where}: secagg/dp parameters in a {mode.value} cohort")
     cfg = CohortConfig(
         cohort_id=cid,
         base_version=_req(doc, "base_version", int, where),
         members=dict(members),
-        mode=_req(doc, "mode", str, where),
+        mode=mode,
         min_members=_req(doc, "min_members", int, where),
         created_at=float(_req(doc, "created_at", (int, float), where)),
         phase_s={k: float(v) for k, v in phase_s.items()},
         server_lr=float(_req(doc, "server_lr", (int, float), where)),
-        params=dict(_opt_dict(doc, "params", where)),
+        secagg=secagg,
+        dp=dp,
+        staleness_weight=staleness,
         identities=dict(identities),
     )
     if cfg.base_version < 0:
@@ -148,8 +214,6 @@ def parse_config(blob: bytes, *, where: str) -> CohortConfig:
         raise IntegrityError(f"{where}: server_lr {cfg.server_lr} must be positive")
     if not set(cfg.identities) <= set(cfg.members):
         raise IntegrityError(f"{where}: identities for non-members")
-    if cfg.mode not in MODES:
-        raise IntegrityError(f"{where}: unknown mode {cfg.mode!r}")
     if not 1 <= cfg.min_members <= max(1, len(cfg.members)):
         raise IntegrityError(
             f"{where}: min_members {cfg.min_members} invalid for {len(cfg.members)}"

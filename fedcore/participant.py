@@ -24,6 +24,7 @@ from fedcore.messages import (
     MODES,
     CheckIn,
     CohortConfig,
+    Mode,
     Pointer,
     Result,
     dumps,
@@ -182,8 +183,8 @@ class Participant:
         self, cfg: CohortConfig, delta: dict[str, np.ndarray], *, num_samples: int, loss: float
     ) -> str:
         """Upload a plaintext update (explicit plaintext mode only)."""
-        if cfg.mode != "plaintext":
-            raise ValueError(f"cohort {cfg.cohort_id} runs {cfg.mode!r}, not plaintext")
+        if cfg.mode is not Mode.PLAINTEXT:
+            raise ValueError(f"cohort {cfg.cohort_id} runs {cfg.mode.value!r}, not plaintext")
         meta = UpdateMeta(
             cfg.cohort_id, self.client_id, cfg.base_version, num_samples, float(loss), cfg.mode
         )

@@ -29,7 +29,7 @@ import numpy as np
 
 from fedcore import layout
 from fedcore.codec import encode_tensors
-from fedcore.dp.distributed import DistributedDP, secure_generator
+from fedcore.dp.distributed import secure_generator
 from fedcore.errors import (
     AlreadyExistsError,
     IntegrityError,
@@ -38,7 +38,7 @@ from fedcore.errors import (
     UnusableUpdateError,
 )
 from fedcore.layout import Kind, Phase
-from fedcore.messages import CohortConfig, Manifest, parse_manifest
+from fedcore.messages import CohortConfig, Manifest, Mode, parse_manifest
 from fedcore.participant import Participant
 from fedcore.secagg import crypto, shamir
 from fedcore.secagg.masking import mask_input
@@ -47,7 +47,6 @@ from fedcore.secagg.protocol import (
     SHARE_BYTES,
     KeysMsg,
     MaskedMeta,
-    SecAggParams,
     SharesMsg,
     UnmaskMsg,
     commit_seed,
@@ -84,9 +83,9 @@ def flatten_weighted(delta: Mapping[str, np.ndarray], weight: float) -> np.ndarr
 
 class SecureRound:
     def __init__(self, participant: Participant, cfg: CohortConfig) -> None:
-        if cfg.mode != "secagg":
+        if cfg.mode is not Mode.SECAGG or cfg.secagg is None:
             raise ProtocolError(
-                f"cohort {cfg.cohort_id} runs {cfg.mode!r}; this device requires secagg"
+                f"cohort {cfg.cohort_id} runs {cfg.mode.value!r}; this device requires secagg"
             )
         if participant.signing_key is None:
             raise ValueError("secure aggregation needs a signing key")
@@ -96,8 +95,7 @@ class SecureRound:
         where = layout.config_key(cfg.cohort_id)
         if participant.client_id not in cfg.members:
             raise IntegrityError(f"{where}: {participant.client_id} is not a member")
-        self.params = SecAggParams.from_dict(cfg.params.get("secagg"), where=where)
-        self.params.validate(len(cfg.members), where=where)
+        self.params = cfg.secagg  # validated for the member count by parse_config
         self.members = sorted(cfg.members)
         self.neighbours = self.params.graph(self.members)[self.me]
         self._c_sk, self.c_pk = crypto.x25519_keypair()
@@ -221,8 +219,9 @@ class SecureRound:
     def upload(self, u2: Manifest, delta: Mapping[str, np.ndarray], *, num_samples: int) -> str:
         if self.me not in u2.members or self._b is None:
             raise ProtocolError(f"{self.me} is not in U2 of {self.cfg.cohort_id}")
-        if "dp" in self.cfg.params:  # user-level DP: clip, quantize, add this member's noise
-            dp = DistributedDP.from_dict(self.cfg.params["dp"], where=self.cfg.cohort_id)
+        if (
+            dp := self.cfg.dp
+        ) is not None:  # user-level DP: clip, quantize, add this member's noise
             flat = flatten_weighted(delta, 1.0)[:-1]
             q, self.dp_norm = dp.privatize(flat, secure_generator())
             if self.dp_norm > dp.clip:  # expected under DP: the clip bounds each member's say

@@ -36,6 +36,7 @@ from fedcore.errors import (
     FedError,
     IntegrityError,
     NotFoundError,
+    ProtocolError,
     UnknownKeyError,
 )
 from fedcore.layout import Kind, Phase
@@ -43,8 +44,10 @@ from fedcore.messages import (
     MAX_MESSAGE_BYTES,
     CohortConfig,
     Manifest,
+    Mode,
     Result,
     dumps,
+    encode_config,
     parse_checkin,
     parse_config,
     parse_manifest,
@@ -74,20 +77,20 @@ PREFETCH_CONCURRENCY = 16
 
 MetricSink = Callable[[str, float, str], None]
 
-PHASES: dict[str, tuple[Phase, ...]] = {
-    "plaintext": (Phase.INPUTS,),
-    "secagg": (Phase.KEYS, Phase.SHARES, Phase.INPUTS, Phase.UNMASK),
+PHASES: dict[Mode, tuple[Phase, ...]] = {
+    Mode.PLAINTEXT: (Phase.INPUTS,),
+    Mode.SECAGG: (Phase.KEYS, Phase.SHARES, Phase.INPUTS, Phase.UNMASK),
 }
 
 
-def phase_kind(phase: Phase, mode: str) -> Kind:
+def phase_kind(phase: Phase, mode: Mode) -> Kind:
     """The per-member object kind that a phase collects."""
     if phase is Phase.INPUTS:
-        return Kind.PLAIN if mode == "plaintext" else Kind.MASKED
+        return Kind.PLAIN if mode is Mode.PLAINTEXT else Kind.MASKED
     return {Phase.KEYS: Kind.KEYS, Phase.SHARES: Kind.SHARES, Phase.UNMASK: Kind.UNMASK}[phase]
 
 
-def kind_phase(kind: Kind, mode: str) -> Phase | None:
+def kind_phase(kind: Kind, mode: Mode) -> Phase | None:
     for phase in PHASES[mode]:
         if phase_kind(phase, mode) is kind:
             return phase
@@ -170,16 +173,15 @@ class Coordinator:
     def config(self, cid: str) -> CohortConfig:
         if cid not in self._configs:
             key = layout.config_key(cid)
-            cfg = parse_config(self.store.get(key).body, where=key)
-            if cfg.mode == "secagg":
-                SecAggParams.from_dict(cfg.params.get("secagg"), where=key).validate(
-                    len(cfg.members), where=key
-                )
-            self._configs[cid] = cfg
+            self._configs[cid] = parse_config(self.store.get(key).body, where=key)
         return self._configs[cid]
 
     def secagg_params(self, cfg: CohortConfig) -> SecAggParams:
-        return SecAggParams.from_dict(cfg.params["secagg"], where=cfg.cohort_id)
+        if cfg.secagg is None:  # parse_config guarantees it for secagg cohorts
+            raise ProtocolError(
+                f"{cfg.cohort_id}: a {cfg.mode.value} cohort has no secagg parameters"
+            )
+        return cfg.secagg
 
     def identity(self, client: str) -> bytes:
         """A member's enrolled Ed25519 public key (``clients/{id}/identity.json``, write-once)."""
@@ -327,8 +329,9 @@ class Coordinator:
 
     def _new_config(self, cid: str, base: int, chosen: list[Waiting], now: float) -> CohortConfig:
         s = self.settings
-        params: dict[str, Any] = {"staleness_weight": s.staleness_weight}
-        if s.mode == "secagg":
+        mode = Mode(s.mode)
+        secagg = dp = None
+        if mode is Mode.SECAGG:
             k = s.secagg_degree or None
             n = len(chosen)
             clip, bits = s.secagg_clip, None
@@ -342,25 +345,22 @@ class Coordinator:
                         min(s.min_cohort_size, n), math.ceil(n * (1 - s.secagg_max_dropout))
                     ),
                 )
-                params["dp"] = dp.to_dict()
                 clip, bits = dp.clip, dp.bits
-            params["secagg"] = asdict(
-                SecAggParams.for_cohort(
-                    n,
-                    clip=clip,
-                    k=k,
-                    weight_cap=s.secagg_weight_cap,
-                    max_dropout=s.secagg_max_dropout,
-                    bits=bits,
-                )
+            secagg = SecAggParams.for_cohort(
+                n,
+                clip=clip,
+                k=k,
+                weight_cap=s.secagg_weight_cap,
+                max_dropout=s.secagg_max_dropout,
+                bits=bits,
             )
-            phase_s = {p.value: s.short_round_s for p in PHASES["secagg"]}
+            phase_s = {p.value: s.short_round_s for p in PHASES[mode]}
         else:
             phase_s = {}
         phase_s[Phase.INPUTS.value] = s.round_deadline_s
         identities = (
             {w.client_id: crypto.b64(self.identity(w.client_id)) for w in chosen}
-            if s.mode == "secagg"
+            if mode is Mode.SECAGG
             else {}
         )
         return CohortConfig(
@@ -368,12 +368,14 @@ class Coordinator:
             cohort_id=cid,
             base_version=base,
             members={w.client_id: w.nonce for w in chosen},
-            mode=s.mode,
+            mode=mode,
             min_members=min(s.min_cohort_size, len(chosen)),
             created_at=now,
             phase_s=phase_s,
             server_lr=s.server_lr,
-            params=params,
+            secagg=secagg,
+            dp=dp,
+            staleness_weight=s.staleness_weight,
         )
 
     def form_cohorts(self, *, allow_partial: bool = False) -> list[str]:
@@ -403,7 +405,7 @@ class Coordinator:
             cfg = self._new_config(cid, base, chosen, now)
             try:
                 self.store.put_new(
-                    layout.config_key(cid), dumps(cfg), content_type="application/json"
+                    layout.config_key(cid), encode_config(cfg), content_type="application/json"
                 )
             except AlreadyExistsError:
                 continue  # another invocation took this id: re-list and try the next
@@ -432,7 +434,7 @@ class Coordinator:
                 raise IntegrityError(
                     f"{w.key}: mode {msg.mode!r} but the server runs {self.settings.mode!r}"
                 )
-            if self.settings.mode == "secagg":
+            if self.settings.mode == Mode.SECAGG:
                 doc = {k: v for k, v in asdict(msg).items() if k != "signature"}
                 crypto.verify(
                     self.identity(w.client_id),
@@ -495,7 +497,7 @@ class Coordinator:
         if phase is not Phase.INPUTS:
             return MAX_MESSAGE_BYTES
         schema = self.schema(cfg.base_version)
-        if cfg.mode == "plaintext":
+        if cfg.mode is Mode.PLAINTEXT:
             return max_update_bytes(schema)
         return max_update_bytes({"masked": ("U32", (secure.vector_length(schema),))}, "U32")
 
@@ -610,7 +612,7 @@ class Coordinator:
         valid: dict[str, str] = {}
         verified: dict[str, str] = {}
         sum_key = ""
-        if phase is Phase.INPUTS and cfg.mode == "secagg":
+        if phase is Phase.INPUTS and cfg.mode is Mode.SECAGG:
             valid, sum_key = self._sum_inputs(cfg, present)
         elif phase is Phase.INPUTS:
             valid = present  # plaintext updates are validated while averaging
@@ -714,7 +716,7 @@ class Coordinator:
             return "noop"
         started = self.clock()
         schema = self.schema(cfg.base_version)
-        if cfg.mode == "secagg":
+        if cfg.mode is Mode.SECAGG:
             outcome = self._secure_mean(cfg, schema)
         else:
             outcome = self._plain_mean(cfg, last, schema)
@@ -727,7 +729,7 @@ class Coordinator:
             base_version=cfg.base_version,
             mean_delta=mean,
             server_lr=cfg.server_lr,
-            rule=str(cfg.params.get("staleness_weight", self.settings.staleness_weight)),
+            rule=cfg.staleness_weight or self.settings.staleness_weight,
             members=included,
             num_samples=num_samples,
             metrics={
@@ -788,7 +790,7 @@ class Coordinator:
                     f"{where}: base version {meta.base_version}, cohort's is {cfg.base_version}"
                 )
             if meta.mode != cfg.mode:
-                raise IntegrityError(f"{where}: mode {meta.mode!r}, cohort's is {cfg.mode!r}")
+                raise IntegrityError(f"{where}: mode {meta.mode!r}, cohort's is {cfg.mode.value!r}")
 
         keys = [(c, layout.member_key(cid, Kind.PLAIN, c)) for c in manifest.members]
         mean = weighted_mean(
@@ -812,8 +814,8 @@ class Coordinator:
     def _secure_mean(self, cfg: CohortConfig, schema: dict) -> Any:
         cid = cfg.cohort_id
         params = self.secagg_params(cfg)
-        manifests = {p: self.manifest(cid, p) for p in PHASES["secagg"]}
-        _, u2, u3, u4 = (manifests[p].members for p in PHASES["secagg"])  # type: ignore[union-attr]
+        manifests = {p: self.manifest(cid, p) for p in PHASES[Mode.SECAGG]}
+        _, u2, u3, u4 = (manifests[p].members for p in PHASES[Mode.SECAGG])  # type: ignore[union-attr]
         inputs = manifests[Phase.INPUTS]
         assert inputs is not None
         unmask = manifests[Phase.UNMASK]
@@ -842,8 +844,7 @@ class Coordinator:
                 u2=u2, u3=u3, s_pks=s_pks, commits=commits, reveals=reveals,
             )  # fmt: skip
             privacy: dict[str, Any] = {}
-            if "dp" in cfg.params:
-                dp = DistributedDP.from_dict(cfg.params["dp"], where=cid)
+            if (dp := cfg.dp) is not None:
                 mean = secure.decode_dp_mean(total, dp=dp, count=len(u3), schema=schema)
                 weight = len(u3) / params.weight_cap  # members count equally under DP
                 privacy = {"user_level": dp.release(len(u3), length - 1)}

@@ -32,7 +32,6 @@ from fedcore.errors import AlreadyExistsError, NotFoundError, ProtocolError
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig, Manifest, parse_config
 from fedcore.participant import Participant, Ticket
-from fedcore.secagg.protocol import SecAggParams
 from fedcore.secure_round import SecureRound
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, load_model, seed
@@ -244,7 +243,7 @@ def check_invariants(s: Schedule, store: S3Store) -> None:
         if s.mode == "plaintext":
             atol = 1e-6
         else:
-            step = SecAggParams.from_dict(cfg.params["secagg"], where="test").quantizer().step
+            step = cfg.secagg.quantizer().step
             atol = 4 * len(counted) * step / total + 1e-6
         for k in TINY:
             got = (new[k].astype(np.float64) - old[k]) / meta.weight

@@ -37,7 +37,7 @@ from fedcore.codec import (
     UpdateMeta,
 )
 from fedcore.layout import Phase
-from fedcore.messages import CheckIn, CohortConfig, Manifest
+from fedcore.messages import CheckIn, CohortConfig, Manifest, Mode
 from fedcore.secagg import crypto
 from fedcore.secagg.protocol import (
     DOMAIN_CHECKIN,
@@ -48,6 +48,7 @@ from fedcore.secagg.protocol import (
     SHARE_PLAINTEXT_BYTES,
     KeysMsg,
     MaskedMeta,
+    SecAggParams,
     SharesMsg,
     UnmaskMsg,
     encode_keys,
@@ -249,11 +250,12 @@ def device_config(cohort: str, *, base_version: int = 0, **params: Any) -> Cohor
         cohort_id=cohort,
         base_version=base_version,
         members={d: "n0001" for d in DEVICES},
-        mode="secagg",
+        mode=Mode.SECAGG,
         min_members=2,
         created_at=1.7e9,
         phase_s={p.value: 30.0 for p in (Phase.KEYS, Phase.SHARES, Phase.INPUTS, Phase.UNMASK)},
-        params={"staleness_weight": "inverse_sqrt", "secagg": secagg},
+        secagg=SecAggParams(**secagg),
+        staleness_weight="inverse_sqrt",
         identities={d: crypto.b64(crypto.ed25519_public(signing_key(d))) for d in DEVICES},
     )
 
@@ -901,7 +903,7 @@ def device_entries() -> Iterator[Entry]:
     cfg_key = "cohorts/{cohort_id}/config.json"
 
     def config(**over: Any) -> bytes:
-        doc = asdict(device_config("COHORT"))
+        doc = device_config("COHORT").to_doc()
         doc.update(over)
         return json.dumps(doc, sort_keys=True).encode()
 
@@ -941,26 +943,33 @@ def device_entries() -> Iterator[Entry]:
     )
     yield cfg_entry("unknown-mode", "unknown mode 'fast'", fix({"mode": "fast"}))
     yield cfg_entry("server-lr-zero", "server_lr 0.0 must be positive", fix({"server_lr": 0}))
-    p = asdict(device_config("COHORT"))["params"]
+    p = device_config("COHORT").to_doc()["params"]
     yield cfg_entry(
         "secagg-k-too-large",
         "invalid secagg parameters",
         fix({"params": {**p, "secagg": {**p["secagg"], "k": 99}}}),
-        "run_secure_cohort",
+        "find_cohort",
     )
     yield cfg_entry(
         "secagg-k-infinite",
         "bad secagg parameters",
         lambda c: fix({})(c).replace(b'"k": 2', b'"k": Infinity'),
-        "run_secure_cohort",
+        "find_cohort",
     )
     yield cfg_entry(
-        "secagg-params-missing", "bad secagg parameters", fix({"params": {}}), "run_secure_cohort"
+        "secagg-params-missing", "bad secagg parameters", fix({"params": {}}), "find_cohort"
     )
     yield cfg_entry(
         "device-not-member",
         "d1 is not a member",
-        fix({"members": {"d2": "n0001", "d3": "n0001"}, "identities": {}, "min_members": 2}),
+        fix(
+            {
+                "members": {"d2": "n0001", "d3": "n0001"},
+                "identities": {},
+                "min_members": 2,
+                "params": {**p, "secagg": {**p["secagg"], "k": 1}},
+            }
+        ),
         "run_secure_cohort",
     )
 

@@ -251,7 +251,7 @@ def test_user_level_dp_noise_survives_dropouts_and_is_accounted(
         endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, sweep_interval_s=0.2
     ):
         cfg, _ = run_cohort(store, 0, {c: "shares" for c in clients[:2]})
-    assert cfg.params["dp"]["expected_survivors"] == 9
+    assert cfg.dp.expected_survivors == 9
     survivors = clients[2:]
     res = participant(store, "s00").result(cfg.cohort_id)
     assert res is not None and res.status == "applied" and res.included == survivors
