@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cohort-size", type=int, default=5)
     p.add_argument("--min-cohort-size", type=int, default=2)
     p.add_argument("--round-deadline-s", type=float, default=300.0)
-    p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--server-lr", type=float, default=ServerSettings().server_lr)
     p.add_argument("--log", type=Path, default=Path("runs/stack/functions.log"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
