@@ -20,7 +20,8 @@ from fedcore.server.apply import STALENESS_WEIGHTS
 
 T = TypeVar("T")
 
-# How an environment string becomes each field type ServerSettings uses.
+# How an environment string becomes a field's value; any other field type (an Enum, say)
+# is called with the string itself.
 _PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, str: str}
 
 
@@ -104,7 +105,7 @@ class ServerSettings:
         the variable if the string is not of the field's type."""
         kind = _field_types()[name]
         try:
-            return _PARSERS[kind](raw)
+            return _PARSERS.get(kind, kind)(raw)
         except ValueError as exc:
             env = cls.env_names()[name]
             raise ValueError(f"{env}={raw!r} is not a valid {kind.__name__}") from exc
