@@ -45,7 +45,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from edge_client import defaults as d
 from edge_client.simulate import SimSettings, StopRule, run
+from fedcore.server.settings import ServerSettings
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 RESULTS_USER_DP = Path(__file__).parent / "results" / "scale_user_dp.json"
@@ -63,9 +65,10 @@ def package_versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__)
-    ap.add_argument("--devices", type=int, default=1000)
-    ap.add_argument("--cohort-size", type=int, default=100)
-    ap.add_argument("--min-cohort-size", type=int, default=50)
+    defaults = ServerSettings()
+    ap.add_argument("--devices", type=int, default=d.SIM_DEVICES)
+    ap.add_argument("--cohort-size", type=int, default=d.SIM_COHORT_SIZE)
+    ap.add_argument("--min-cohort-size", type=int, default=d.SIM_MIN_COHORT_SIZE)
     ap.add_argument("--workers", type=int, default=0, help="0: cpu count")
     ap.add_argument(
         "--max-active", type=int, default=100,
@@ -73,22 +76,25 @@ def main(argv: list[str] | None = None) -> int:
         "while the last one unmasks (staleness 1); 200 kept 3 in flight, staleness 2, "
         "and stalled near 0.94",
     )  # fmt: skip
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--momentum", type=float, default=0.0)
+    ap.add_argument("--epochs", type=int, default=d.SIM_TRAINING.epochs)
+    ap.add_argument("--batch-size", type=int, default=d.SIM_TRAINING.batch_size)
+    ap.add_argument("--lr", type=float, default=d.SIM_TRAINING.lr)
+    ap.add_argument("--momentum", type=float, default=d.SIM_TRAINING.momentum)
     ap.add_argument("--target-accuracy", type=float, default=0.95)
     ap.add_argument("--max-versions", type=int, default=60)
-    ap.add_argument("--max-minutes", type=float, default=30.0)
-    ap.add_argument("--server-lr", type=float, default=1.0)
+    ap.add_argument("--max-minutes", type=float, default=d.SIM_MAX_MINUTES)
+    ap.add_argument("--server-lr", type=float, default=defaults.server_lr)
     ap.add_argument(
-        "--staleness-weight", default="inverse_sqrt", help="constant, inverse_sqrt or inverse"
-    )
+        "--staleness-weight", default=defaults.staleness_weight,
+        help="constant, inverse_sqrt or inverse",
+    )  # fmt: skip
     ap.add_argument(
-        "--dp-user-noise", type=float, default=0.0,
+        "--dp-user-noise", type=float, default=d.DP_USER_NOISE,
         help="user-level distributed DP noise multiplier z (0: off)",
     )  # fmt: skip
-    ap.add_argument("--dp-user-clip", type=float, default=1.0, help="L2 clip of each delta")
+    ap.add_argument(
+        "--dp-user-clip", type=float, default=d.DP_USER_CLIP, help="L2 clip of each delta"
+    )
     ap.add_argument("--out", type=Path, default=None, help=f"default {RESULTS.name}")
     args = ap.parse_args(argv)
     if args.out is None:
@@ -107,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         # those of the cohorts formed before it.
         "round_deadline_s": 900.0,
         "short_round_s": 300.0,
-        "checkin_wait_s": 60.0,
-        "stuck_after_s": 120.0,
-        "secagg_degree": 0,  # SecAgg+ default: O(log n)
+        # The server's defaults, stated so that the report records them.
+        "checkin_wait_s": defaults.checkin_wait_s,
+        "stuck_after_s": defaults.stuck_after_s,
+        "secagg_degree": defaults.secagg_degree,  # 0, SecAgg+ default: O(log n)
         "server_lr": args.server_lr,
         "staleness_weight": args.staleness_weight,
         # secagg_weight_cap stays at its default: a cap at the shard size (weight 1)

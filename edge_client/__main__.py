@@ -16,7 +16,6 @@ credentials at all: it enrolls its key once with an operator-issued
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -25,7 +24,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_client import defaults as d
 from fedcore.errors import FedError
+from fedcore.server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from edge_client.device import DevicePrivacy
@@ -47,6 +48,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     env = os.environ
+    server = ServerSettings()  # what simulate's local stack runs with unless told otherwise
     ap = argparse.ArgumentParser(
         prog="python -m edge_client",
         description=__doc__,
@@ -70,17 +72,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--shard", type=int, default=int(env.get("SHARD", "0")), help="this device's shard index"
     )
     run.add_argument(
-        "--partition", choices=["iid", "dirichlet", "shards"], default=env.get("PARTITION", "iid")
+        "--partition",
+        choices=["iid", "dirichlet", "shards"],
+        default=env.get("PARTITION", d.PARTITION),
     )
-    run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    run.add_argument(
+        "--alpha", type=float, default=d.DIRICHLET_ALPHA, help="Dirichlet concentration"
+    )
     run.add_argument("--partition-seed", type=int, default=0)
     run.add_argument(
         "--max-samples", type=int, default=0, help="use at most this many examples (0: all)"
     )
-    run.add_argument("--epochs", type=int, default=1)
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--lr", type=float, default=0.05)
-    run.add_argument("--momentum", type=float, default=0.9)
+    run.add_argument("--epochs", type=int, default=d.DEVICE_TRAINING.epochs)
+    run.add_argument("--batch-size", type=int, default=d.DEVICE_TRAINING.batch_size)
+    run.add_argument("--lr", type=float, default=d.DEVICE_TRAINING.lr)
+    run.add_argument("--momentum", type=float, default=d.DEVICE_TRAINING.momentum)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
         "--max-grad-norm",
@@ -95,8 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument(
         "--until-version", type=int, default=0, help="stop once the global version reaches this"
     )
-    run.add_argument("--poll-s", type=float, default=1.0)
-    run.add_argument("--cohort-timeout-s", type=float, default=600.0)
+    run.add_argument("--poll-s", type=float, default=d.POLL_S)
+    run.add_argument("--cohort-timeout-s", type=float, default=d.COHORT_TIMEOUT_S)
     run.add_argument(
         "--plaintext",
         action="store_true",
@@ -127,7 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument(
         "--drop-at",
         choices=["keys", "shares", "inputs"],
-        default="inputs",
+        default=d.DROP_AT,
         help="where to vanish: before advertising keys, after sharing them, after uploading",
     )
 
@@ -138,12 +144,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="sample-level DP-SGD: this device's total epsilon budget (0: off)",
     )
-    dp.add_argument("--dp-delta", type=float, default=1e-5)
-    dp.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-sample clip")
+    dp.add_argument("--dp-delta", type=float, default=d.DP_DELTA)
+    dp.add_argument(
+        "--dp-max-grad-norm", type=float, default=d.DP_MAX_GRAD_NORM, help="per-sample clip"
+    )
     dp.add_argument(
         "--dp-planned-rounds",
         type=int,
-        default=10,
+        default=d.DP_PLANNED_ROUNDS,
         help="participations the DP-SGD noise is calibrated for (then the budget is spent)",
     )
     dp.add_argument("--dp-mode", choices=["ghost", "hooks"], default="ghost")
@@ -163,13 +171,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     dp.add_argument(
         "--dp-user-clip",
         type=float,
-        default=math.inf,
+        default=d.DEVICE_MAX_USER_CLIP,
         help="user-level DP: join only cohorts whose clip is at most this",
     )
     dp.add_argument(
         "--dp-user-epsilon",
         type=float,
-        default=10.0,
+        default=d.DP_USER_EPSILON,
         help="user-level DP: stop joining before this device's releases exceed this epsilon",
     )
 
@@ -181,7 +189,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ev.add_argument(
         "--activation",
         choices=["relu", "tanh"],
-        default="relu",
+        default=d.activation(dp_sgd=False),
         help="the nonlinearity the devices trained with (tanh for sample-level DP runs)",
     )
 
@@ -194,32 +202,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "simulate",
         help="many simulated devices in a few worker processes (starts a local stack)",
     )
-    sim.add_argument("--devices", type=int, default=1000)
+    sim.add_argument("--devices", type=int, default=d.SIM_DEVICES)
     sim.add_argument("--workers", type=int, default=0, help="worker processes (0: cpu count)")
-    sim.add_argument("--cohort-size", type=int, default=100)
+    sim.add_argument("--cohort-size", type=int, default=d.SIM_COHORT_SIZE)
     sim.add_argument("--max-active", type=int, default=0, help="devices online at once (0: all)")
-    sim.add_argument("--min-cohort-size", type=int, default=50)
-    sim.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default="iid")
-    sim.add_argument("--alpha", type=float, default=0.5)
+    sim.add_argument("--min-cohort-size", type=int, default=d.SIM_MIN_COHORT_SIZE)
+    sim.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default=d.PARTITION)
+    sim.add_argument("--alpha", type=float, default=d.DIRICHLET_ALPHA)
     sim.add_argument("--max-samples", type=int, default=0, help="cap each device's shard")
-    sim.add_argument("--epochs", type=int, default=5)
-    sim.add_argument("--batch-size", type=int, default=10)
-    sim.add_argument("--lr", type=float, default=0.1)
-    sim.add_argument("--momentum", type=float, default=0.0)
+    sim.add_argument("--epochs", type=int, default=d.SIM_TRAINING.epochs)
+    sim.add_argument("--batch-size", type=int, default=d.SIM_TRAINING.batch_size)
+    sim.add_argument("--lr", type=float, default=d.SIM_TRAINING.lr)
+    sim.add_argument("--momentum", type=float, default=d.SIM_TRAINING.momentum)
     sim.add_argument("--plaintext", action="store_true", help="plaintext cohorts (debugging)")
-    sim.add_argument("--secagg-degree", type=int, default=0, help="0: SecAgg+ default (log n)")
-    sim.add_argument("--round-deadline-s", type=float, default=600.0)
-    sim.add_argument("--short-round-s", type=float, default=120.0)
     sim.add_argument(
-        "--dp-user-noise", type=float, default=0.0,
+        "--secagg-degree", type=int, default=server.secagg_degree,
+        help="0: SecAgg+ default (log n)",
+    )  # fmt: skip
+    sim.add_argument("--round-deadline-s", type=float, default=server.round_deadline_s)
+    sim.add_argument(
+        "--short-round-s", type=float, default=d.SIM_SHORT_ROUND_S,
+        help="key, share and unmask rounds (a cohort of 100 on a few cores needs over 60 s)",
+    )  # fmt: skip
+    sim.add_argument(
+        "--dp-user-noise", type=float, default=d.DP_USER_NOISE,
         help="user-level distributed DP noise multiplier z for every cohort (0: off)",
     )  # fmt: skip
-    sim.add_argument("--dp-user-clip", type=float, default=1.0, help="L2 clip of each delta")
+    sim.add_argument(
+        "--dp-user-clip", type=float, default=d.DP_USER_CLIP, help="L2 clip of each delta"
+    )
     sim.add_argument("--drop-prob", type=float, default=0.0)
-    sim.add_argument("--drop-at", choices=["keys", "shares", "inputs"], default="inputs")
+    sim.add_argument("--drop-at", choices=["keys", "shares", "inputs"], default=d.DROP_AT)
     sim.add_argument("--target-accuracy", type=float, default=0.0, help="stop at this accuracy")
     sim.add_argument("--max-versions", type=int, default=0, help="stop at this version")
-    sim.add_argument("--max-minutes", type=float, default=30.0)
+    sim.add_argument("--max-minutes", type=float, default=d.SIM_MAX_MINUTES)
     sim.add_argument(
         "--endpoint-url", default=None, help="an S3 API to use instead of the embedded server"
     )
@@ -302,7 +318,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.momentum,
             args.seed,
             args.max_grad_norm,
-            activation=args.activation or ("tanh" if args.dp_epsilon > 0 else "relu"),
+            activation=args.activation or d.activation(dp_sgd=args.dp_epsilon > 0),
         ),
         LoopSettings(
             max_rounds=args.max_rounds,

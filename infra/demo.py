@@ -20,54 +20,59 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from edge_client import defaults as d
 from fedcore import layout
 from fedcore.dp import rdp
 from fedcore.errors import NotFoundError
 from fedcore.gateway import issue_token
 from fedcore.layout import Phase
 from fedcore.messages import parse_result
+from fedcore.server.settings import ServerSettings
 from fedcore.status import cohort_ids
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, load_model
 from infra import cost
 from infra.stack import LocalStack
 
-PLAIN_TRAINING = {
-    "epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "round_deadline_s": 90.0,
-    "versions": 8,
-}  # fmt: skip
+PLAIN_TRAINING = {**asdict(d.DEVICE_TRAINING), "round_deadline_s": 90.0, "versions": 8}
 # DP-SGD is about 3x slower per example: a longer input round and fewer versions.
-DP_TRAINING = {
-    "epochs": 1, "batch_size": 256, "lr": 2.0, "momentum": 0.0, "round_deadline_s": 400.0,
-    "versions": 4,
-}  # fmt: skip
+DP_TRAINING = {**asdict(d.DP_SGD_TRAINING), "round_deadline_s": 400.0, "versions": 4}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infra.demo", description=__doc__)
+    server = ServerSettings()
+    plain, dp = PLAIN_TRAINING, DP_TRAINING
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--cohort-size", type=int, default=5)
     p.add_argument("--min-cohort-size", type=int, default=2)
     p.add_argument(
-        "--versions", type=int, default=None, help="stop after this many versions (8; DP-SGD: 4)"
-    )
-    p.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default="iid")
-    p.add_argument("--alpha", type=float, default=0.5)
-    # Local training; None picks the defaults below, or DP_TRAINING's under --dp-epsilon.
-    p.add_argument("--epochs", type=int, default=None, help="default 1")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 (DP-SGD: 256)")
-    p.add_argument("--lr", type=float, default=None, help="default 0.05 (DP-SGD: 2.0)")
-    p.add_argument("--momentum", type=float, default=None, help="default 0.9 (DP-SGD: 0)")
-    p.add_argument("--server-lr", type=float, default=1.0)
+        "--versions", type=int, default=None,
+        help=f"stop after this many versions ({plain['versions']}; DP-SGD: {dp['versions']})",
+    )  # fmt: skip
+    p.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default=d.PARTITION)
+    p.add_argument("--alpha", type=float, default=d.DIRICHLET_ALPHA)
+
+    # Local training; None picks PLAIN_TRAINING's, or DP_TRAINING's under --dp-epsilon.
+    def default(key: str) -> str:
+        return f"default {plain[key]} (DP-SGD: {dp[key]})"
+
+    p.add_argument("--epochs", type=int, default=None, help=default("epochs"))
+    p.add_argument("--batch-size", type=int, default=None, help=default("batch_size"))
+    p.add_argument("--lr", type=float, default=None, help=default("lr"))
+    p.add_argument("--momentum", type=float, default=None, help=default("momentum"))
+    p.add_argument("--server-lr", type=float, default=server.server_lr)
     p.add_argument("--max-samples", type=int, default=0, help="cap each device's shard (0: all)")
     p.add_argument(
         "--round-deadline-s",
         type=float,
         default=None,
-        help="limit of the training/input round (90 s; DP-SGD: 400 s)",
+        help=f"limit of the training/input round ({plain['round_deadline_s']:.0f} s; "
+        f"DP-SGD: {dp['round_deadline_s']:.0f} s)",
     )
     p.add_argument(
         "--short-round-s",
@@ -106,14 +111,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="sample-level DP-SGD on every device with this epsilon budget (0: off)",
     )
-    p.add_argument("--dp-delta", type=float, default=1e-5)
+    p.add_argument("--dp-delta", type=float, default=d.DP_DELTA)
     p.add_argument(
         "--dp-user-noise",
         type=float,
-        default=0.0,
+        default=d.DP_USER_NOISE,
         help="user-level distributed DP: Skellam noise multiplier of each cohort sum (0: off)",
     )
-    p.add_argument("--dp-user-clip", type=float, default=1.0, help="user-level DP: L2 clip")
+    p.add_argument(
+        "--dp-user-clip", type=float, default=d.DP_USER_CLIP, help="user-level DP: L2 clip"
+    )
     p.add_argument(
         "--direct-s3",
         action="store_true",
@@ -161,6 +168,7 @@ def spawn_devices(
             "--partition", args.partition, "--alpha", str(args.alpha),
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--momentum", str(args.momentum),
+            # A quicker poll than the device default: the demo's rounds are short.
             "--seed", str(i), "--until-version", str(args.versions), "--poll-s", "0.5",
             "--max-samples", str(args.max_samples),
             "--drop-prob", str(args.drop_fraction), "--drop-at", args.drop_round,
@@ -320,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.eval_threads)
     # Devices train tanh under DP-SGD (edge_client run's default); evaluate the same network.
-    activation = "tanh" if args.dp_epsilon else "relu"
+    activation = d.activation(dp_sgd=args.dp_epsilon > 0)
     out = args.report.parent
     out.mkdir(parents=True, exist_ok=True)
     mnist = load_mnist(progress=print)  # devices find the cache warm

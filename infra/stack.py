@@ -22,6 +22,7 @@ from typing import Any
 from fedcore.errors import NotFoundError
 from fedcore.events import scheduled_event
 from fedcore.modelspec import init_params
+from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
 from fedcore.versions import read_pointer, seed
 from infra.cost import InvocationMeter, S3Meter
@@ -30,26 +31,9 @@ from infra.s3server import EmbeddedS3
 
 log = logging.getLogger(__name__)
 
-# Environment the handlers read (the SAM template sets the same names).
-SETTING_ENV = {
-    "cohort_size": "COHORT_SIZE",
-    "min_cohort_size": "MIN_COHORT_SIZE",
-    "round_deadline_s": "ROUND_DEADLINE_S",
-    "checkin_wait_s": "CHECKIN_WAIT_S",
-    "checkin_ttl_s": "CHECKIN_TTL_S",
-    "stuck_after_s": "STUCK_AFTER_S",
-    "server_lr": "SERVER_LR",
-    "staleness_weight": "STALENESS_WEIGHT",
-    "mode": "AGGREGATION_MODE",
-    "short_round_s": "SHORT_ROUND_S",
-    "secagg_clip": "SECAGG_CLIP",
-    "secagg_degree": "SECAGG_DEGREE",
-    "secagg_weight_cap": "SECAGG_WEIGHT_CAP",
-    "secagg_max_dropout": "SECAGG_MAX_DROPOUT",
-    "dp_user_noise": "DP_USER_NOISE",
-    "dp_user_clip": "DP_USER_CLIP",
-    "dp_delta": "DP_DELTA",
-}
+# Field name -> environment variable the handlers read (template.yaml sets the same names;
+# tests/infra/test_settings_template.py checks both directions).
+SETTING_ENV = ServerSettings.env_names()
 
 
 def seed_bucket(store: S3Store, *, model_seed: int = 0) -> bool:
@@ -103,7 +87,11 @@ class LocalStack:
         self.gateway_url = ""
         self._gateway: Any = None
         self.bucket = bucket
-        self.settings = settings or {}
+        self.settings = dict(settings or {})
+        # Fails here, not in every handler invocation: an unknown key (a typo would
+        # otherwise fall back to the default unnoticed), a value that does not parse, or a
+        # combination ServerSettings refuses.
+        self._setting_env = ServerSettings.env_for(self.settings)
         self.duplicate = duplicate
         self.shuffle = shuffle
         self.pump_interval_s = pump_interval_s
@@ -129,11 +117,9 @@ class LocalStack:
         os.environ["BUCKET"] = self.bucket
         os.environ["S3_ENDPOINT_URL"] = self.endpoint_url
         os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
-        for name, env in SETTING_ENV.items():  # unset ones fall back to the code's defaults
-            if name in self.settings:
-                os.environ[env] = str(self.settings[name])
-            else:
-                os.environ.pop(env, None)
+        for env in SETTING_ENV.values():  # unset ones fall back to the code's defaults
+            os.environ.pop(env, None)
+        os.environ.update(self._setting_env)
         # Import after the environment is set: the handlers read it per invocation.
         from functions.aggregator.app import handler as aggregate
         from functions.sweeper.app import handler as sweep
@@ -202,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cohort-size", type=int, default=5)
     p.add_argument("--min-cohort-size", type=int, default=2)
     p.add_argument("--round-deadline-s", type=float, default=300.0)
-    p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--server-lr", type=float, default=ServerSettings().server_lr)
     p.add_argument("--log", type=Path, default=Path("runs/stack/functions.log"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -1,12 +1,34 @@
-"""Server-side parameters, read from the environment the template sets."""
+"""Server-side parameters, read from the environment the template sets.
+
+Each field of ``ServerSettings`` declares its environment variable once
+(``setting(default, "ENV_NAME")``); ``from_env``, the local stack
+(``infra.stack``) and the SAM template's Parameters are derived from or
+tested against that declaration (``tests/infra/test_settings_template.py``),
+so a new setting cannot reach one of them and miss another.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Any, TypeVar, get_type_hints
 
 from fedcore.messages import MODES
 from fedcore.server.apply import STALENESS_WEIGHTS
+
+T = TypeVar("T")
+
+# How an environment string becomes a field's value; any other field type (an Enum, say)
+# is called with the string itself.
+_PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, str: str}
+
+
+def setting(default: T, env: str) -> T:
+    """A ``ServerSettings`` field with its default and the environment variable it is read
+    from (the same name is the Lambda environment variable in template.yaml)."""
+    return field(default=default, metadata={"env": env})
 
 
 @dataclass(frozen=True)
@@ -19,26 +41,33 @@ class ServerSettings:
     closed phase may wait for its finalizer before the sweeper redoes it.
     """
 
-    cohort_size: int = 10
-    min_cohort_size: int = 2
-    round_deadline_s: float = 600.0
-    checkin_wait_s: float = 60.0
-    checkin_ttl_s: float = 3600.0
-    stuck_after_s: float = 120.0
-    server_lr: float = 1.0
-    staleness_weight: str = "inverse_sqrt"
-    mode: str = "secagg"
-    read_concurrency: int = 4
-    short_round_s: float = 60.0  # time limit of the key, share and unmask rounds
-    secagg_clip: float = 1.0  # quantization range [-clip, clip] of weight * delta
-    secagg_degree: int = 0  # neighbours per member; 0: from secagg_max_dropout; >= n-1: all pairs
-    secagg_max_dropout: float = 0.1  # dropout rate the default degree is sized for
-    dp_user_noise: float = 0.0  # user-level DP noise multiplier z (0: off); needs secagg
-    dp_user_clip: float = 1.0  # L2 bound C of each member's delta under user-level DP
-    dp_delta: float = 1e-5
-    secagg_weight_cap: int = (
-        10_000  # sample count that maps to FedAvg weight 1 (larger counts are capped)
-    )
+    cohort_size: int = setting(10, "COHORT_SIZE")
+    # Fewest check-ins that form a cohort at a deadline, and fewest survivors the function
+    # unmasks for: with 2, each survivor could subtract its own update from the sum.
+    min_cohort_size: int = setting(3, "MIN_COHORT_SIZE")
+    round_deadline_s: float = setting(600.0, "ROUND_DEADLINE_S")
+    checkin_wait_s: float = setting(60.0, "CHECKIN_WAIT_S")
+    checkin_ttl_s: float = setting(3600.0, "CHECKIN_TTL_S")
+    stuck_after_s: float = setting(120.0, "STUCK_AFTER_S")
+    server_lr: float = setting(1.0, "SERVER_LR")
+    staleness_weight: str = setting("inverse_sqrt", "STALENESS_WEIGHT")
+    mode: str = setting("secagg", "AGGREGATION_MODE")
+    read_concurrency: int = setting(4, "READ_CONCURRENCY")
+    # Time limit of the key, share and unmask rounds.
+    short_round_s: float = setting(60.0, "SHORT_ROUND_S")
+    # Quantization range [-clip, clip] of weight * delta.
+    secagg_clip: float = setting(1.0, "SECAGG_CLIP")
+    # Neighbours per member; 0: from secagg_max_dropout; >= n-1: all pairs.
+    secagg_degree: int = setting(0, "SECAGG_DEGREE")
+    # Dropout rate the default degree is sized for.
+    secagg_max_dropout: float = setting(0.1, "SECAGG_MAX_DROPOUT")
+    # User-level DP noise multiplier z (0: off); needs secagg.
+    dp_user_noise: float = setting(0.0, "DP_USER_NOISE")
+    # L2 bound C of each member's delta under user-level DP.
+    dp_user_clip: float = setting(1.0, "DP_USER_CLIP")
+    dp_delta: float = setting(1e-5, "DP_DELTA")
+    # Sample count that maps to FedAvg weight 1 (larger counts are capped).
+    secagg_weight_cap: int = setting(10_000, "SECAGG_WEIGHT_CAP")
 
     def __post_init__(self) -> None:
         if self.cohort_size < 1 or not 1 <= self.min_cohort_size <= self.cohort_size:
@@ -66,26 +95,49 @@ class ServerSettings:
             raise ValueError("server_lr, round_deadline_s and read_concurrency must be positive")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> ServerSettings:
+    def env_names(cls) -> dict[str, str]:
+        """Field name -> environment variable, in declaration order."""
+        return {f.name: f.metadata["env"] for f in fields(cls)}
+
+    @classmethod
+    def parse_env_value(cls, name: str, raw: str) -> Any:
+        """The value of field ``name`` from its environment string; a ValueError that names
+        the variable if the string is not of the field's type."""
+        kind = _field_types()[name]
+        try:
+            return _PARSERS.get(kind, kind)(raw)
+        except ValueError as exc:
+            env = cls.env_names()[name]
+            raise ValueError(f"{env}={raw!r} is not a valid {kind.__name__}") from exc
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
+        """Settings from ``env`` (default ``os.environ``); unset variables keep the defaults."""
         e = os.environ if env is None else env
-        d = cls()
         return cls(
-            cohort_size=int(e.get("COHORT_SIZE", d.cohort_size)),
-            min_cohort_size=int(e.get("MIN_COHORT_SIZE", d.min_cohort_size)),
-            round_deadline_s=float(e.get("ROUND_DEADLINE_S", d.round_deadline_s)),
-            checkin_wait_s=float(e.get("CHECKIN_WAIT_S", d.checkin_wait_s)),
-            checkin_ttl_s=float(e.get("CHECKIN_TTL_S", d.checkin_ttl_s)),
-            stuck_after_s=float(e.get("STUCK_AFTER_S", d.stuck_after_s)),
-            server_lr=float(e.get("SERVER_LR", d.server_lr)),
-            staleness_weight=e.get("STALENESS_WEIGHT", d.staleness_weight),
-            mode=e.get("AGGREGATION_MODE", d.mode),
-            read_concurrency=int(e.get("READ_CONCURRENCY", d.read_concurrency)),
-            short_round_s=float(e.get("SHORT_ROUND_S", d.short_round_s)),
-            secagg_clip=float(e.get("SECAGG_CLIP", d.secagg_clip)),
-            secagg_degree=int(e.get("SECAGG_DEGREE", d.secagg_degree)),
-            secagg_weight_cap=int(e.get("SECAGG_WEIGHT_CAP", d.secagg_weight_cap)),
-            secagg_max_dropout=float(e.get("SECAGG_MAX_DROPOUT", d.secagg_max_dropout)),
-            dp_user_noise=float(e.get("DP_USER_NOISE", d.dp_user_noise)),
-            dp_user_clip=float(e.get("DP_USER_CLIP", d.dp_user_clip)),
-            dp_delta=float(e.get("DP_DELTA", d.dp_delta)),
+            **{
+                name: cls.parse_env_value(name, e[var])
+                for name, var in cls.env_names().items()
+                if var in e
+            }
         )
+
+    @classmethod
+    def env_for(cls, overrides: Mapping[str, Any]) -> dict[str, str]:
+        """The environment that sets ``overrides`` (field name -> value) and nothing else.
+
+        Raises ValueError for a key that is no field, and for values that do not parse or
+        break a rule in ``__post_init__`` (checked as the functions will read them)."""
+        names = cls.env_names()
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise ValueError(f"unknown server settings {unknown}; known: {sorted(names)}")
+        env = {names[k]: str(v) for k, v in overrides.items()}
+        cls.from_env(env)
+        return env
+
+
+@cache
+def _field_types() -> dict[str, type]:
+    """Field name -> type, resolved once (the annotations are strings in this module)."""
+    return get_type_hints(ServerSettings)

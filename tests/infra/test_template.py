@@ -28,6 +28,8 @@ from samtranslator.translator.managed_policy_translator import ManagedPolicyLoad
 from samtranslator.translator.transform import transform
 from samtranslator.yaml_helper import yaml_parse
 
+from fedcore.server.settings import ServerSettings
+
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "template.yaml"
 SAM_DIR = REPO / "infra" / "sam"
@@ -40,22 +42,14 @@ FUNCTIONS = {
     "AggregatorFunction": "functions.aggregator.app.handler",
     "SweeperFunction": "functions.sweeper.app.handler",
 }
-# Environment the handlers read (fedcore.server.settings, functions.runtime).
+# Environment the handlers read besides the settings (functions.runtime, powertools); the
+# settings themselves come from ServerSettings (test_settings_template.py checks them).
 REQUIRED_ENV = {
     "BUCKET",
-    "COHORT_SIZE",
-    "MIN_COHORT_SIZE",
-    "ROUND_DEADLINE_S",
-    "SERVER_LR",
-    "STALENESS_WEIGHT",
-    "AGGREGATION_MODE",
-    "SHORT_ROUND_S",
-    "SECAGG_CLIP",
-    "SECAGG_DEGREE",
-    "SECAGG_MAX_DROPOUT",
     "POWERTOOLS_SERVICE_NAME",
     "POWERTOOLS_METRICS_NAMESPACE",
     "POWERTOOLS_LOG_LEVEL",
+    *ServerSettings.env_names().values(),
 }
 LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024
 # The bucket name (a !Sub) that the bucket, the BUCKET variable and every IAM ARN share.
