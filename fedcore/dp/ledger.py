@@ -211,9 +211,12 @@ class DeviceLedger:
         path = state_dir / STATE_FILE
         if not path.exists():
             return None
-        kept = path.with_name(
-            f"{STATE_FILE}.reset-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        )
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        kept = path.with_name(f"{STATE_FILE}.reset-{stamp}")
+        n = 1
+        while kept.exists():  # never overwrite an earlier record
+            n += 1
+            kept = path.with_name(f"{STATE_FILE}.reset-{stamp}-{n}")
         os.replace(path, kept)
         return kept
 

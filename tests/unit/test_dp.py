@@ -311,6 +311,9 @@ def test_sample_budget_is_fixed_at_first_use(tmp_path: Path) -> None:
     fresh = PrivacyState.load(tmp_path)
     assert fresh.sample_epsilon() == 0.0
     fresh.plan_sample(SampleDPSettings(target_epsilon=5.0), 0.25, 4)
+    fresh.save(tmp_path)
+    again = PrivacyState.reset(tmp_path)  # within the same second: both records kept
+    assert again is not None and again != kept and kept.exists() and again.exists()
     assert PrivacyState.reset(tmp_path / "none") is None
 
 
@@ -355,6 +358,23 @@ def test_release_tally_composes_members_and_every_release() -> None:
         tally.add({"user_level": {**one, "rdp": "nope"}}, ["a"], where="v3")
     with pytest.raises(IntegrityError, match="orders"):
         tally.add({"user_level": {**one, "rdp_orders": [2.0], "rdp": [0.1]}}, ["a"])
+
+
+def test_demo_reports_a_device_in_every_release(tmp_path: Path) -> None:
+    """GIVEN the demo's report entry after two releases THEN its all-releases epsilon is
+    both releases composed (what ``advance_ledger`` gave) and the last release's own."""
+    from fedcore.dp.ledger import ReleaseTally
+    from infra.demo import privacy_entry
+
+    one = _dp(z=1.0).release(10, 1000)
+    tally = ReleaseTally()
+    for members in (["a"], ["b"]):
+        tally.add({"user_level": one}, members)
+    entry = privacy_entry({"user_level": one}, tmp_path, tally)
+    twice = rdp.epsilon(one["rdp_orders"], [2 * r for r in one["rdp"]], one["delta"])[0]
+    assert entry is not None and entry["user_epsilon"] == one["epsilon"]
+    assert entry["user_epsilon_all_releases"] == pytest.approx(twice)
+    assert privacy_entry(None, tmp_path, ReleaseTally()) is None
 
 
 def test_ledger_is_torch_free() -> None:
