@@ -131,7 +131,14 @@ def epoch_costs(activation: str = "tanh") -> dict[str, Any]:
 
 # ------------------------------------------------------------------------- 2. sample level
 def _device_round(job: dict[str, Any]) -> tuple[dict[str, np.ndarray], float, int]:
-    """One device's DP-SGD participation, in a worker process; returns its delta."""
+    """One device's DP-SGD participation, in a worker process; returns its delta.
+
+    Every job's noise and Poisson sampling are keyed afresh from the OS CSPRNG inside
+    ``train_local_dp``. Before that fix the noise came from torch's global generator,
+    which every forked worker inherits in the same state: the k-th job of each worker
+    added the same noise (correlation 1.00). ``results/dp*.json`` written before
+    2026-12-01 come from such runs and understate what the code achieves.
+    """
     from edge_client.data import load_mnist
     from edge_client.model import build, to_numpy
     from edge_client.privacy import train_local_dp
@@ -170,9 +177,9 @@ def sample_level(
 
     from edge_client.data import load_mnist, partition
     from edge_client.model import build
-    from edge_client.privacy import calibrate_noise
     from edge_client.train import evaluate
     from fedcore.dp import rdp
+    from fedcore.dp.ledger import calibrate_noise
     from fedcore.modelspec import init_params
 
     _torch_setup()
@@ -183,7 +190,7 @@ def sample_level(
         n = len(shards[0])
         q = batch / n
         steps = epochs * math.ceil(n / batch)
-        # What each device does (PrivacyState.plan_sample): calibrate once for all rounds.
+        # What each device does (DeviceLedger.plan_sample): calibrate once for all rounds.
         sigma = calibrate_noise(target, 1e-5, q, steps * rounds)
         params = init_params(seed=0)
         curve = []

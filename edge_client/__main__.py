@@ -155,6 +155,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="participations the DP-SGD noise is calibrated for (then the budget is spent)",
     )
     dp.add_argument("--dp-mode", choices=["ghost", "hooks"], default="ghost")
+    dp.add_argument(
+        "--reset-privacy-ledger",
+        action="store_true",
+        help="start privacy accounting over: the budget is fixed at first use, and only this "
+        "lets a larger one in (the old ledger is kept beside the new one)",
+    )
     run.add_argument(
         "--activation",
         choices=["relu", "tanh"],
@@ -337,9 +343,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def device_privacy(args: argparse.Namespace, state_dir: Path) -> DevicePrivacy | None:
-    from edge_client.device import DevicePrivacy, UserDPRequirement
-    from edge_client.privacy import SampleDPSettings
+    from edge_client.device import DevicePrivacy, UserDPRequirement, say
+    from edge_client.privacy import PrivacyState, SampleDPSettings
 
+    if args.reset_privacy_ledger and (kept := PrivacyState.reset(state_dir)):
+        say(args.client_id, f"privacy ledger reset on request; the old one is kept at {kept}")
     sample = (
         SampleDPSettings(
             target_epsilon=args.dp_epsilon,

@@ -1,29 +1,21 @@
-"""The device's privacy: DP-SGD training (Opacus) and budgets that survive restarts.
+"""The device's DP-SGD (Opacus), and the names its budget code imports.
 
-Two budgets, kept in ``<state dir>/privacy.json`` and written atomically
-after every participation:
+The ledger itself (composition, epsilon, budgets fixed at first use, the state file)
+is torch-free and lives in ``fedcore.dp.ledger``, shared with the demo and the
+simulator; this module keeps what needs torch.
 
-* sample-level: the RDP of every DP-SGD run this device has done (noise
-  multiplier, sampling rate, steps), composed with ``fedcore.dp.rdp`` (the
-  same numbers as Opacus' RDP accountant). Before checking in, the device
-  projects the epsilon after one more participation and refuses to train
-  past its target.
-* user-level: the worst-case RDP of each cohort release its masked, noised
-  update went into (assuming only the cohort's minimum survived). The device
-  refuses a cohort whose release would take it past its user-level target.
-
-The noise multiplier is calibrated once, for ``planned_rounds`` participations
-reaching exactly the target, and kept in the file, so a restart does not
-change it.
+SECURITY: DP-SGD's Poisson sampling and Gaussian noise are drawn from generators keyed
+from the OS CSPRNG on every run, never from ``--seed`` or torch's global generator. A
+noise stream anyone can regenerate can be subtracted from the update, and the privacy
+guarantee with it; devices left at the same seed would also add identical noise, which
+averaging does not reduce.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,13 +23,23 @@ import torch
 from torch import nn
 
 from edge_client.train import TrainResult, TrainSettings, apply_activation, to_tensor
-from fedcore.dp import rdp
+from fedcore.dp.ledger import STATE_FILE, calibrate_noise
+from fedcore.dp.ledger import DeviceLedger as PrivacyState
+from fedcore.errors import BudgetExceededError
 
-STATE_FILE = "privacy.json"
+# The device code catches its refusals under this name; the error is the core's.
+BudgetExhausted = BudgetExceededError
 
-
-class BudgetExhausted(Exception):
-    """Training or joining would spend more privacy than the device allows."""
+__all__ = [
+    "STATE_FILE",
+    "BudgetExhausted",
+    "PrivacyState",
+    "SampleDPSettings",
+    "calibrate_noise",
+    "secret_generator",
+    "steps_per_participation",
+    "train_local_dp",
+]
 
 
 @dataclass(frozen=True)
@@ -61,128 +63,18 @@ def steps_per_participation(n: int, settings: TrainSettings) -> tuple[float, int
     return q, settings.epochs * math.ceil(n / settings.batch_size)
 
 
-def calibrate_noise(target: float, delta: float, q: float, steps: int) -> float:
-    """The smallest noise multiplier (to 0.5%) whose ``steps`` steps stay within ``target``."""
+def secret_generator() -> torch.Generator:
+    """A CPU torch generator seeded with 64 fresh bits from the OS CSPRNG (``os.urandom``).
 
-    def eps(sigma: float) -> float:
-        return rdp.epsilon(rdp.ORDERS, rdp.sampled_gaussian(q=q, sigma=sigma, steps=steps), delta)[
-            0
-        ]
-
-    lo, hi = 0.1, 1.0
-    while eps(hi) > target:
-        lo, hi = hi, hi * 2
-        if hi > 1e4:
-            raise ValueError(f"cannot reach epsilon {target} in {steps} steps")
-    while hi / lo > 1.005:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if eps(mid) > target else (lo, mid)
-    return hi
-
-
-@dataclass
-class PrivacyState:
-    """What ``privacy.json`` holds."""
-
-    sample_history: list[list[float]] = field(default_factory=list)  # [sigma, q, steps]
-    sample_sigma: float | None = None
-    sample_delta: float = 1e-5
-    user_ledger: rdp.Ledger = field(default_factory=rdp.Ledger)
-    user_delta: float = 1e-5
-
-    # -- persistence -------------------------------------------------------------
-    @classmethod
-    def load(cls, state_dir: Path) -> PrivacyState:
-        path = state_dir / STATE_FILE
-        if not path.exists():
-            return cls()
-        try:
-            doc = json.loads(path.read_text())
-            ledger = doc.get("user_ledger") or {}
-            return cls(
-                sample_history=[
-                    [float(a), float(b), float(c)] for a, b, c in doc["sample_history"]
-                ],
-                sample_sigma=doc.get("sample_sigma"),
-                sample_delta=float(doc.get("sample_delta", 1e-5)),
-                user_ledger=rdp.Ledger(
-                    [float(o) for o in ledger.get("orders", rdp.INTEGER_ORDERS)],
-                    [float(r) for r in ledger.get("rdp", [])],
-                    int(ledger.get("events", 0)),
-                ),
-                user_delta=float(doc.get("user_delta", 1e-5)),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            # Never reset a budget silently: a device that cannot read what it spent stops.
-            raise BudgetExhausted(
-                f"{path} is unreadable ({exc}); refusing to guess the spend"
-            ) from exc
-
-    def save(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "sample_history": self.sample_history,
-            "sample_sigma": self.sample_sigma,
-            "sample_delta": self.sample_delta,
-            "sample_epsilon": self.sample_epsilon(),
-            "user_ledger": {
-                "orders": self.user_ledger.orders,
-                "rdp": self.user_ledger.rdp,
-                "events": self.user_ledger.events,
-            },
-            "user_delta": self.user_delta,
-            "user_epsilon": self.user_epsilon(),
-        }
-        tmp = state_dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, state_dir / STATE_FILE)  # a crash leaves the old or the new file
-
-    # -- sample level ---------------------------------------------------------------
-    def _sample_rdp(self, extra: list[float] | None = None) -> list[float]:
-        total = [0.0] * len(rdp.ORDERS)
-        for sigma, q, steps in self.sample_history + ([extra] if extra else []):
-            part = rdp.sampled_gaussian(q=q, sigma=sigma, steps=int(steps))
-            total = [a + b for a, b in zip(total, part, strict=True)]
-        return total
-
-    def sample_epsilon(self, extra: list[float] | None = None) -> float:
-        if not self.sample_history and not extra:
-            return 0.0
-        return rdp.epsilon(rdp.ORDERS, self._sample_rdp(extra), self.sample_delta)[0]
-
-    def plan_sample(self, dp: SampleDPSettings, q: float, steps: int) -> float:
-        """The noise multiplier for the next participation; raises if it would overspend."""
-        self.sample_delta = dp.delta
-        if self.sample_sigma is None:
-            self.sample_sigma = calibrate_noise(
-                dp.target_epsilon, dp.delta, q, steps * dp.planned_rounds
-            )
-        spent = self.sample_epsilon()
-        after = self.sample_epsilon([self.sample_sigma, q, steps])
-        if after > dp.target_epsilon * 1.0001:
-            raise BudgetExhausted(
-                f"sample-level privacy budget: spent epsilon {spent:.3f} in "
-                f"{len(self.sample_history)} participations; one more would reach {after:.3f} "
-                f"> target {dp.target_epsilon} (delta {dp.delta}). This device stops training."
-            )
-        return self.sample_sigma
-
-    # -- user level -----------------------------------------------------------------
-    def user_epsilon(self, extra: list[float] | None = None) -> float:
-        ledger = self.user_ledger.plus(extra) if extra else self.user_ledger
-        if ledger.events == 0:
-            return 0.0
-        return ledger.epsilon(self.user_delta)
-
-    def check_user(self, worst_rdp: list[float], target: float, delta: float) -> None:
-        self.user_delta = delta
-        after = self.user_epsilon(worst_rdp)
-        if after > target:
-            raise BudgetExhausted(
-                f"user-level privacy budget: spent epsilon {self.user_epsilon():.3f} in "
-                f"{self.user_ledger.events} releases; this cohort's release could bring it to "
-                f"{after:.3f} > target {target} (delta {delta}). This device stops joining."
-            )
+    SECURITY: the seed is secret and new on every call, so nobody (the device's own
+    ``--seed`` included) can regenerate the stream. torch's generator is Mersenne
+    Twister, not a CSPRNG: its 64-bit seed is the secret (brute force costs a DP-SGD
+    noise draw per guess, 2^64 guesses), and no raw output is published, only noised
+    sums. Opacus' ``secure_mode`` would draw from a CSPRNG per sample and harden the
+    noise's floating-point representation (Mironov 2012), but it needs ``torchcsprng``,
+    which does not install with this torch.
+    """
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def train_local_dp(
@@ -197,6 +89,10 @@ def train_local_dp(
 ) -> TrainResult:
     """DP-SGD with Opacus: Poisson-sampled batches, per-sample clipping, Gaussian noise.
 
+    SECURITY: the sampling and the noise come from fresh ``secret_generator()``s, not
+    from ``settings.seed`` nor torch's global generator (which the device seeds from
+    ``--seed``): two runs with the same seed add independent noise.
+
     ``ghost`` is Opacus' fast gradient clipping (norms without materialising
     per-sample gradients where a layer supports it: the 1.2M-parameter fc1
     here); ``hooks`` materialises every per-sample gradient.
@@ -208,13 +104,14 @@ def train_local_dp(
 
     apply_activation(model, settings)  # before Opacus wraps the module
     data = TensorDataset(to_tensor(x), torch.from_numpy(np.asarray(y, dtype=np.int64)))
-    gen = torch.Generator().manual_seed(settings.seed)
-    loader = DataLoader(data, batch_size=settings.batch_size, generator=gen)
+    # Poisson sampling is part of the mechanism (amplification by sampling assumes the
+    # batches are secret): Opacus' DP loader samples with this loader's generator.
+    loader = DataLoader(data, batch_size=settings.batch_size, generator=secret_generator())
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off: its secure mode swaps torch's RNG for a
-        # CSPRNG (torchcsprng), which is not installable here; the noise is still Gaussian.
+        # Opacus warns that secure_mode is off: it needs torchcsprng, which is not
+        # installable here. The noise and the sampling come from secret_generator()s.
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         out = engine.make_private(
@@ -226,6 +123,7 @@ def train_local_dp(
             criterion=criterion,
             grad_sample_mode=grad_sample_mode,
             poisson_sampling=True,
+            noise_generator=secret_generator(),
         )
     if grad_sample_mode == "ghost":
         private_model, opt, criterion, loader = out

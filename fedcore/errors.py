@@ -57,3 +57,26 @@ class UnusableUpdateError(FedError):
 
     The device sits the cohort out (a dropout) instead of crashing or uploading garbage.
     """
+
+
+class BudgetExceededError(FedError):
+    """Training or joining would spend more privacy than this device's budget allows.
+
+    The device refuses (it stops training, or sits the cohort out) and says why;
+    it never spends past its budget.
+    """
+
+
+class BudgetRaisedError(BudgetExceededError):
+    """A run asks for a larger privacy budget than the one fixed at the ledger's first use.
+
+    Granting it would let a restart re-open a spent budget, so it is refused
+    until an operator resets the ledger on purpose.
+    """
+
+
+class LedgerUnreadableError(BudgetExceededError):
+    """The privacy ledger on disk cannot be read: the device cannot know what it spent.
+
+    Never reset silently: the device stops instead of guessing its spend.
+    """

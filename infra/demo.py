@@ -26,7 +26,7 @@ from typing import Any
 
 from edge_client import defaults as d
 from fedcore import layout
-from fedcore.dp import rdp
+from fedcore.dp.ledger import STATE_FILE, ReleaseTally
 from fedcore.errors import NotFoundError
 from fedcore.gateway import issue_token
 from fedcore.layout import Phase
@@ -211,31 +211,26 @@ def stop_devices(procs: list[subprocess.Popen[bytes]], grace_s: float = 20.0) ->
             proc.wait()
 
 
-def advance_ledger(ledger: rdp.Ledger, privacy: dict[str, Any] | None) -> rdp.Ledger:
-    """Compose a release's user-level RDP: the spend of a device in every release so far."""
-    user = (privacy or {}).get("user_level")
-    if not user or user.get("rdp_orders") != ledger.orders:
-        return ledger
-    return ledger.plus(user["rdp"])
-
-
 def privacy_entry(
-    privacy: dict[str, Any] | None, state_dir: Path, ledger: rdp.Ledger
+    privacy: dict[str, Any] | None, state_dir: Path, tally: ReleaseTally
 ) -> dict[str, Any] | None:
-    """Epsilons next to accuracy: devices' sample-level spend and this release's user level."""
+    """Epsilons next to accuracy: devices' sample-level spend and this release's user level.
+
+    ``tally`` has already composed this release (``ReleaseTally.add``); its every-release
+    epsilon is the spend of a device that was in every release so far.
+    """
     spent = []
-    for path in sorted(state_dir.glob("*/privacy.json")):
+    for path in sorted(state_dir.glob(f"*/{STATE_FILE}")):
         with contextlib.suppress(ValueError, OSError):
             spent.append(float(json.loads(path.read_text())["sample_epsilon"]))
     user = (privacy or {}).get("user_level")
     if not spent and not user:
         return None
-    composed = advance_ledger(ledger, privacy)
     return {
         "sample_epsilon_max": max(spent, default=0.0),
         "sample_epsilon_median": statistics.median(spent) if spent else 0.0,
         "user_epsilon": user["epsilon"] if user else 0.0,
-        "user_epsilon_all_releases": composed.epsilon(user["delta"]) if user else 0.0,
+        "user_epsilon_all_releases": tally.every_release_epsilon(user["delta"]) if user else 0.0,
         "user_level": {k: v for k, v in user.items() if k not in ("rdp", "rdp_orders")}
         if user
         else None,
@@ -372,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"v0     initial model                                   acc {acc0:.4f}")
         procs = spawn_devices(args, stack, out)
         seen = 0
-        ledger = rdp.Ledger()
+        tally = ReleaseTally()
         last_note = time.monotonic()
         try:
             while seen < args.versions:
@@ -397,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 seen += 1
                 last_note = time.monotonic()
                 params, meta, _ = load_model(stack.store, seen)
+                tally.add(meta.metrics.get("privacy"), meta.members, where=f"v{seen}")
                 acc, loss = evaluate(
                     build(params, activation=activation), mnist.test_x, mnist.test_y
                 )
@@ -415,9 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                     "survivors": len(meta.members),
                     "dropouts": meta.metrics.get("dropouts", []),
                     "phase_s": None,  # filled from the cohort's result below
-                    "privacy": privacy_entry(meta.metrics.get("privacy"), out / "state", ledger),
+                    "privacy": privacy_entry(meta.metrics.get("privacy"), out / "state", tally),
                 }
-                ledger = advance_ledger(ledger, meta.metrics.get("privacy"))
                 report["versions"].append(entry)
                 eps = entry["privacy"]
                 eps_text = (

@@ -229,6 +229,163 @@ def test_unreadable_budget_file_stops_the_device(tmp_path: Path) -> None:
         PrivacyState.load(tmp_path)
 
 
+# --------------------------------------------------------------------------- secret noise
+def _dp_sgd_delta(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """One DP-SGD participation of a small linear model, as a device run with ``--seed
+    seed`` does it (torch's global generator seeded first); its flattened delta.
+
+    Noise std per coordinate and step is sigma * C / B = 0.25 against a clipped signal of
+    norm at most C / B spread over 7,850 coordinates, so the delta is almost all noise.
+    """
+    import torch
+    from torch import nn
+
+    from edge_client.privacy import train_local_dp
+    from edge_client.train import TrainSettings
+
+    torch.manual_seed(seed)  # edge_client.device seeds the global generator from --seed
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    before = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+    settings = TrainSettings(epochs=1, batch_size=16, lr=1.0, momentum=0.0, seed=seed)
+    train_local_dp(
+        model, x, y, settings, noise_multiplier=4.0, max_grad_norm=1.0, grad_sample_mode="ghost"
+    )
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return (after - before).numpy()
+
+
+def _shard(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    gen = np.random.default_rng(seed)
+    return gen.random((64, 28, 28), dtype=np.float32), gen.integers(0, 10, 64)
+
+
+def test_dp_sgd_noise_does_not_follow_the_seed() -> None:
+    """GIVEN one device's data and the same --seed WHEN it runs DP-SGD twice THEN the two
+    deltas differ (noise and sampling come from the OS CSPRNG, not the seed: a noise
+    stream anyone can regenerate could be subtracted)."""
+    pytest.importorskip("opacus")
+    x, y = _shard(0)
+    a, b = _dp_sgd_delta(x, y), _dp_sgd_delta(x, y)
+    assert not np.allclose(a, b)
+    # Independent noise of the same scale: the difference is as large as either delta.
+    assert np.linalg.norm(a - b) > 0.5 * np.linalg.norm(a)
+
+
+def test_two_devices_add_uncorrelated_noise() -> None:
+    """GIVEN two devices with their own data, both left at the default --seed WHEN each
+    runs DP-SGD THEN their deltas (almost all noise) are uncorrelated, so averaging
+    devices averages their noise down."""
+    pytest.importorskip("opacus")
+    a, b = _dp_sgd_delta(*_shard(1)), _dp_sgd_delta(*_shard(2))
+    corr = float(np.corrcoef(a, b)[0, 1])
+    # 7,850 coordinates: the correlation of independent noise has std about 0.011.
+    assert abs(corr) < 0.06, corr
+
+
+# --------------------------------------------------------------------------- fixed budgets
+def test_sample_budget_is_fixed_at_first_use(tmp_path: Path) -> None:
+    """GIVEN a device that first ran with epsilon 3 WHEN it restarts asking for epsilon 5
+    or a larger delta THEN it is refused with a message naming the fixed budget and the
+    reset option; a stricter budget is accepted; an explicit reset lets the larger in
+    and keeps the old ledger on record."""
+    from edge_client.privacy import BudgetExhausted, PrivacyState, SampleDPSettings
+    from fedcore.errors import BudgetRaisedError, FedError
+
+    state = PrivacyState.load(tmp_path)
+    sigma = state.plan_sample(SampleDPSettings(target_epsilon=3.0), 0.25, 4)
+    state.record_sample(sigma, 0.25, 4)
+    state.save(tmp_path)
+
+    state = PrivacyState.load(tmp_path)  # a restart
+    for bigger in (SampleDPSettings(target_epsilon=5.0), SampleDPSettings(3.0, delta=1e-4)):
+        with pytest.raises(BudgetRaisedError, match=r"fixed at first use to epsilon 3\.0") as exc:
+            state.plan_sample(bigger, 0.25, 4)
+        assert "--reset-privacy-ledger" in str(exc.value)
+        assert isinstance(exc.value, BudgetExhausted) and isinstance(exc.value, FedError)
+    assert state.plan_sample(SampleDPSettings(target_epsilon=2.9), 0.25, 4) == sigma
+    state.save(tmp_path)
+    assert PrivacyState.load(tmp_path).sample_budget.epsilon == 3.0  # type: ignore[union-attr]
+
+    kept = PrivacyState.reset(tmp_path)
+    assert kept is not None and kept.exists() and kept.parent == tmp_path
+    fresh = PrivacyState.load(tmp_path)
+    assert fresh.sample_epsilon() == 0.0
+    fresh.plan_sample(SampleDPSettings(target_epsilon=5.0), 0.25, 4)
+    fresh.save(tmp_path)
+    again = PrivacyState.reset(tmp_path)  # within the same second: both records kept
+    assert again is not None and again != kept and kept.exists() and again.exists()
+    assert PrivacyState.reset(tmp_path / "none") is None
+
+
+def test_user_budget_is_fixed_at_first_use(tmp_path: Path) -> None:
+    """GIVEN a device whose user-level budget was fixed at epsilon 20 WHEN a restart asks
+    for 40 THEN the cohort is refused; the same or a smaller budget is accepted."""
+    from edge_client.privacy import PrivacyState
+    from fedcore.errors import BudgetRaisedError
+
+    worst = _dp(z=1.0).worst_case_rdp(8, 1000)
+    state = PrivacyState.load(tmp_path)
+    state.check_user(worst, target=20.0, delta=1e-5)
+    state.record_release(worst)
+    state.save(tmp_path)
+    state = PrivacyState.load(tmp_path)
+    with pytest.raises(BudgetRaisedError, match="user-level privacy budget was fixed"):
+        state.check_user(worst, target=40.0, delta=1e-5)
+    state.check_user(worst, target=20.0, delta=1e-5)
+    state.check_user(worst, target=15.0, delta=1e-6)
+
+
+# --------------------------------------------------------------------------- releases
+def test_release_tally_composes_members_and_every_release() -> None:
+    """GIVEN two releases with different members THEN each member's spend composes only
+    its releases, a device in every release composes both, and malformed accounting
+    from the bucket is an IntegrityError naming the version."""
+    from fedcore.dp.ledger import ReleaseTally
+    from fedcore.errors import IntegrityError
+
+    one = _dp(z=1.0).release(10, 1000)
+    tally = ReleaseTally()
+    assert tally.add(None, ["a"]) is None and tally.add({}, ["a"]) is None
+    assert tally.every_release_epsilon(1e-5) == 0.0 and tally.device_spread() == (0.0, 0.0, 0)
+    tally.add({"user_level": one}, ["a", "b", "c"])
+    tally.add({"user_level": one}, ["a", "d"])
+    twice = rdp.epsilon(one["rdp_orders"], [2 * r for r in one["rdp"]], one["delta"])[0]
+    assert tally.epsilons["a"] == pytest.approx(twice)
+    assert tally.epsilons["b"] == pytest.approx(one["epsilon"])
+    assert tally.every_release_epsilon(one["delta"]) == pytest.approx(twice)
+    assert tally.device_spread() == pytest.approx((twice, one["epsilon"], 4))
+    with pytest.raises(IntegrityError, match="v3"):
+        tally.add({"user_level": {**one, "rdp": "nope"}}, ["a"], where="v3")
+    with pytest.raises(IntegrityError, match="orders"):
+        tally.add({"user_level": {**one, "rdp_orders": [2.0], "rdp": [0.1]}}, ["a"])
+
+
+def test_demo_reports_a_device_in_every_release(tmp_path: Path) -> None:
+    """GIVEN the demo's report entry after two releases THEN its all-releases epsilon is
+    both releases composed (what ``advance_ledger`` gave) and the last release's own."""
+    from fedcore.dp.ledger import ReleaseTally
+    from infra.demo import privacy_entry
+
+    one = _dp(z=1.0).release(10, 1000)
+    tally = ReleaseTally()
+    for members in (["a"], ["b"]):
+        tally.add({"user_level": one}, members)
+    entry = privacy_entry({"user_level": one}, tmp_path, tally)
+    twice = rdp.epsilon(one["rdp_orders"], [2 * r for r in one["rdp"]], one["delta"])[0]
+    assert entry is not None and entry["user_epsilon"] == one["epsilon"]
+    assert entry["user_epsilon_all_releases"] == pytest.approx(twice)
+    assert privacy_entry(None, tmp_path, ReleaseTally()) is None
+
+
+def test_ledger_is_torch_free() -> None:
+    """The function and the demo compose privacy with it: it may not pull torch in."""
+    import subprocess
+    import sys
+
+    code = "import sys, fedcore.dp.ledger; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
 def test_tanh_model_keeps_the_schema_and_dp_training_switches_to_it() -> None:
     """GIVEN the tanh variant used under DP-SGD THEN its parameters are exactly the ReLU
     model's (the function's schema is unchanged) and TrainSettings(activation=...) applies."""
