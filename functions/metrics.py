@@ -43,7 +43,6 @@ class HandlerMetrics:
     """
 
     def __init__(self, service: str) -> None:
-        self.service = service
         self._metrics = Metrics(namespace=NAMESPACE, service=service)
 
     def __call__(self, name: str, value: float, unit: str) -> None:
