@@ -30,8 +30,9 @@ Why this module looks the way it does:
   functions of their arguments and a seed, returning disjoint sorted int64
   index arrays, one per client.
 
-This module is torch-free (numpy and the standard library only) so the
-partitioners and loader can be tested and reused without the client extra.
+This module is torch-free (numpy, the standard library and ``fedcore.errors``
+only) so the partitioners and loader can be tested and reused without the
+client extra.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ from pathlib import Path
 from typing import IO, Final
 
 import numpy as np
+
+from fedcore.errors import FedError
 
 __all__ = [
     "PARTITIONERS",
@@ -108,11 +111,13 @@ _DIRICHLET_MAX_TRIES: Final = 1000
 Progress = Callable[[str], None]
 
 
-class DataError(Exception):
+class DataError(FedError):
     """The data could not be obtained or failed a check.
 
     Raised for a failed download, a hash mismatch, a malformed pickle, IDX file
-    or cache: every case where continuing would train on the wrong data.
+    or cache: every case where continuing would train on the wrong data. Under
+    the one root, so the device CLI reports it as ``error: ...`` like any other
+    refusal instead of a traceback.
     """
 
 

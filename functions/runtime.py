@@ -12,6 +12,7 @@ import ctypes.util
 import os
 from functools import lru_cache
 
+from fedcore.metrics import MetricSink
 from fedcore.server.coordinator import Coordinator
 from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
@@ -47,7 +48,8 @@ def _store(bucket: str, endpoint: str | None) -> S3Store:
     return S3Store.connect(bucket, endpoint, role="function")
 
 
-def coordinator(metric=None) -> Coordinator:  # type: ignore[no-untyped-def]
+def coordinator(metric: MetricSink | None = None) -> Coordinator:
+    """The coordinator over this container's store, publishing through ``metric``."""
     bucket = os.environ.get("BUCKET")
     if not bucket:
         raise RuntimeError("BUCKET is not set: the function does not know its bucket")

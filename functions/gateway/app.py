@@ -87,20 +87,29 @@ def _body(event: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+# Routed by hand rather than with powertools' LambdaFunctionUrlResolver: the resolver
+# keeps the request being served in class-level state (BaseRouter.current_event, shared
+# by every instance), and the local stack serves this handler from a threading HTTP
+# server (infra/gateway_server.py), where concurrent requests then read each other's
+# event (powertools 3.37, 8 threads, 1 us thread switch interval: 24 of 4,000 calls were
+# answered with another request's route or body). On AWS each container serves one
+# request at a time, so only the local stack would be wrong, and only under load.
+ROUTES = {"/enroll": "enroll", "/urls": "urls"}
+
+
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     http = (event.get("requestContext") or {}).get("http") or {}
     method = str(http.get("method", "")).upper()
     path = event.get("rawPath") or http.get("path") or ""
-    routes = {"/enroll": "enroll", "/urls": "urls"}
-    if path not in routes:
+    if path not in ROUTES:
         return _answer(404, {"error": "not_found", "reason": f"no route {path}"})
     if method != "POST":
         return _answer(405, {"error": "method_not_allowed", "reason": "use POST"})
     try:
         body = _body(event)
         gw = gateway()
-        result = gw.enroll(body) if routes[path] == "enroll" else gw.urls(body)
+        result = gw.enroll(body) if ROUTES[path] == "enroll" else gw.urls(body)
     except Denied as exc:
         logger.warning(
             "request refused",

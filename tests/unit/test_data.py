@@ -32,6 +32,7 @@ from edge_client.data import (
     partition_iid,
     partition_shards,
 )
+from fedcore.errors import FedError
 
 # Standard MNIST label counts (training 60k, test 10k).
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -718,4 +719,4 @@ def test_public_api_names() -> None:
         "partition", "partition_dirichlet", "partition_iid", "partition_shards",
     }  # fmt: skip
     assert PARTITIONERS == ("iid", "dirichlet", "shards")
-    assert issubclass(DataError, Exception)
+    assert issubclass(DataError, FedError)  # one root: the CLI reports it, no traceback
