@@ -58,9 +58,20 @@ class SampleDPSettings:
 
 
 def steps_per_participation(n: int, settings: TrainSettings) -> tuple[float, int]:
-    """(sampling rate q, steps) of one participation: Poisson batches of expected size B."""
-    q = min(1.0, settings.batch_size / n)
-    return q, settings.epochs * math.ceil(n / settings.batch_size)
+    """(sampling rate q, steps) of one participation over ``n`` examples, exactly as the DP
+    loader of ``train_local_dp`` samples them.
+
+    Opacus' ``DPDataLoader`` does not sample at B/n: it includes each example with
+    probability q = 1/len(loader) = 1/ceil(n/B) (expected batch n/ceil(n/B) <= B), and
+    its sampler runs int(1/q) batches per epoch (one fewer than ceil(n/B) where the
+    float 1/q rounds down, at 93 batches for one). The accountant must book this q and
+    these steps: this function is the one place both come from, the device passes its q
+    to the ledger, and ``train_local_dp`` refuses a loader whose rate differs.
+    """
+    if n < 1:
+        raise ValueError("need at least one example")
+    q = 1 / math.ceil(n / settings.batch_size)
+    return q, settings.epochs * int(1 / q)
 
 
 def secret_generator() -> torch.Generator:
@@ -86,8 +97,13 @@ def train_local_dp(
     noise_multiplier: float,
     max_grad_norm: float,
     grad_sample_mode: str = "ghost",
+    sample_rate: float | None = None,
 ) -> TrainResult:
     """DP-SGD with Opacus: Poisson-sampled batches, per-sample clipping, Gaussian noise.
+
+    ``sample_rate`` is the q the ledger booked for this run (``steps_per_participation``;
+    derived the same way when None). Raises ``ValueError`` if Opacus' DP loader would
+    sample at another rate: the accounting would then describe a different mechanism.
 
     SECURITY: the sampling and the noise come from fresh ``secret_generator()``s, not
     from ``settings.seed`` nor torch's global generator (which the device seeds from
@@ -102,11 +118,14 @@ def train_local_dp(
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    apply_activation(model, settings)  # before Opacus wraps the module
     data = TensorDataset(to_tensor(x), torch.from_numpy(np.asarray(y, dtype=np.int64)))
     # Poisson sampling is part of the mechanism (amplification by sampling assumes the
-    # batches are secret): Opacus' DP loader samples with this loader's generator.
+    # batches are secret): Opacus' DP loader samples with this loader's generator, at
+    # rate 1/len(loader). Check that rate against the booked one before touching anything.
     loader = DataLoader(data, batch_size=settings.batch_size, generator=secret_generator())
+    booked = steps_per_participation(len(x), settings)[0] if sample_rate is None else sample_rate
+    _check_rate(1 / len(loader), booked)
+    apply_activation(model, settings)  # before Opacus wraps the module
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
@@ -129,11 +148,20 @@ def train_local_dp(
         private_model, opt, criterion, loader = out
     else:
         private_model, opt, loader = out
+    _check_rate(loader.sample_rate, booked)  # what Opacus' DP loader really does
     private_model.train()
     with warnings.catch_warnings():
         # Opacus' fast clipping trips a harmless torch hook warning on every backward.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         return _dp_epochs(private_model, opt, criterion, loader, settings, len(x))
+
+
+def _check_rate(loader_rate: float, booked: float) -> None:
+    if not math.isclose(loader_rate, booked, rel_tol=1e-12):
+        raise ValueError(
+            f"the DP loader samples at q={loader_rate} but the accountant booked "
+            f"q={booked}: derive both from steps_per_participation"
+        )
 
 
 def _dp_epochs(

@@ -11,16 +11,25 @@ the ledger on purpose (``DeviceLedger.reset``), and an unreadable ledger stops t
 Two budgets per device, kept in ``<state dir>/privacy.json`` and written atomically after
 every participation:
 
-* sample level: the RDP of every DP-SGD run this device has done (noise multiplier,
-  Poisson sampling rate, steps), composed with ``fedcore.dp.rdp`` (the numbers of
-  Opacus' RDP accountant). Before checking in, the device projects the epsilon after one
-  more participation and refuses to train past its target.
+* sample level: every DP-SGD run this device has done (noise multiplier, Poisson
+  sampling rate, steps), composed with PLD accounting (``fedcore.dp.pld``, Google's
+  ``dp_accounting``), which governs: the noise is calibrated with it and the budget is
+  checked against it. The RDP epsilon of the same history (``fedcore.dp.rdp``, the
+  numbers of Opacus' RDP accountant) is kept beside it as a cross-check; PLD states the
+  smaller epsilon for the same noise, so the device adds less noise for its target.
+  Before checking in, the device projects the epsilon after one more participation and
+  refuses to train past its target.
 * user level: the worst-case RDP of each cohort release its masked, noised update went
   into (assuming only the cohort's minimum survived). The device refuses a cohort whose
-  release would take it past its user-level target.
+  release would take it past its user-level target. This stays RDP: the releases carry
+  distributed Skellam noise, which ``dp_accounting``'s PLD does not cover.
 
 RDP composes by addition at each order (Mironov 2017, "Rényi Differential Privacy",
 proposition 1); the conversion to (epsilon, delta) is ``rdp.epsilon``.
+
+``privacy.json`` from before PLD (no ``sample_epsilon_rdp``) loads unchanged: the history
+is recomputed under both accountants, and a noise multiplier calibrated with RDP is kept
+(PLD only finds it spends less).
 
 ``ReleaseTally`` composes what published versions state instead (their survivors'
 noise): the guarantee a release carries, per member device, which the demo and the
@@ -38,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from fedcore.dp import rdp
+from fedcore.dp import pld, rdp
 from fedcore.errors import (
     BudgetExceededError,
     BudgetRaisedError,
@@ -48,6 +57,7 @@ from fedcore.errors import (
 
 STATE_FILE = "privacy.json"
 RESET_FLAG = "--reset-privacy-ledger"  # named in refusals, so an operator knows the way out
+SAMPLE_ACCOUNTANT = "pld"  # the accountant sample-level budgets are held to; RDP cross-checks
 _SLACK = 1.0001  # calibration lands within 0.5% above the target; bisection noise, not spend
 
 
@@ -94,7 +104,9 @@ class SampleTerms(Protocol):
 
 def calibrate_noise(target: float, delta: float, q: float, steps: int) -> float:
     """The smallest noise multiplier (to 0.5%) whose ``steps`` sampled-Gaussian steps at
-    rate ``q`` stay within ``target`` epsilon at ``delta``; bisection on a log scale.
+    rate ``q`` stay within ``target`` epsilon at ``delta`` under RDP accounting; bisection
+    on a log scale. The RDP cross-check: the device plans with PLD
+    (``fedcore.dp.pld.calibrate_noise``), which needs less noise for the same target.
 
     Raises ``ValueError`` when no multiplier up to 1e4 reaches the target.
     """
@@ -182,7 +194,9 @@ class DeviceLedger:
             "sample_history": self.sample_history,
             "sample_sigma": self.sample_sigma,
             "sample_delta": self.sample_delta,
-            "sample_epsilon": self.sample_epsilon(),
+            "sample_accountant": SAMPLE_ACCOUNTANT,
+            "sample_epsilon": self.sample_epsilon(),  # the governing (PLD) epsilon
+            "sample_epsilon_rdp": self.sample_epsilon_rdp(),  # the RDP cross-check
             "sample_budget": self.sample_budget.to_dict() if self.sample_budget else None,
             "user_ledger": {
                 "orders": self.user_ledger.orders,
@@ -229,34 +243,59 @@ class DeviceLedger:
         return total
 
     def sample_epsilon(self, extra: list[float] | None = None) -> float:
-        """Sample-level epsilon spent (at ``sample_delta``), with ``extra`` [sigma, q, steps]
-        as if one more participation had run."""
+        """Sample-level epsilon spent (at ``sample_delta``) under PLD accounting, the one
+        the budget is held to, with ``extra`` [sigma, q, steps] as if one more
+        participation had run. Needs ``dp_accounting`` once there is a history."""
+        runs = self.sample_history + ([extra] if extra else [])
+        if not runs:
+            return 0.0
+        return pld.composed_epsilon(runs, delta=self.sample_delta)
+
+    def sample_epsilon_rdp(self, extra: list[float] | None = None) -> float:
+        """The same spend under RDP accounting: the cross-check (at least the PLD epsilon
+        up to discretisation; it is what a ledger reported before PLD)."""
         if not self.sample_history and not extra:
             return 0.0
         return rdp.epsilon(rdp.ORDERS, self._sample_rdp(extra), self.sample_delta)[0]
 
+    def describe_sample(self) -> str:
+        """The sample-level spend under both accountants, for a device's log line."""
+        name = SAMPLE_ACCOUNTANT.upper()
+        return (
+            f"sample-level epsilon spent {self.sample_epsilon():.3f} ({name}; "
+            f"RDP {self.sample_epsilon_rdp():.3f}) at delta {self.sample_delta:g}"
+        )
+
     def plan_sample(self, dp: SampleTerms, q: float, steps: int) -> float:
         """The noise multiplier for the next participation of ``steps`` steps at rate ``q``.
 
+        ``q`` must be the DP loader's true sampling rate (``edge_client.privacy.
+        steps_per_participation``, which ``train_local_dp`` checks its loader against).
         The first call fixes the sample-level budget and calibrates the noise for
-        ``dp.planned_rounds`` participations. Raises ``BudgetRaisedError`` if ``dp`` asks
-        for more than the fixed budget, ``BudgetExceededError`` if one more participation
-        would overspend.
+        ``dp.planned_rounds`` participations with PLD accounting. Raises
+        ``BudgetRaisedError`` if ``dp`` asks for more than the fixed budget,
+        ``BudgetExceededError`` if one more participation would overspend.
         """
         asked = Budget(dp.target_epsilon, dp.delta)
         self.sample_budget = _fix("sample-level", self.sample_budget, asked)
         self.sample_delta = asked.delta
         if self.sample_sigma is None:
-            self.sample_sigma = calibrate_noise(
-                asked.epsilon, asked.delta, q, steps * dp.planned_rounds
+            self.sample_sigma = pld.calibrate_noise(
+                target_epsilon=asked.epsilon,
+                delta=asked.delta,
+                q=q,
+                steps=steps * dp.planned_rounds,
             )
         spent = self.sample_epsilon()
         after = self.sample_epsilon([self.sample_sigma, q, steps])
         if after > asked.epsilon * _SLACK:
+            by_rdp = self.sample_epsilon_rdp([self.sample_sigma, q, steps])
             raise BudgetExceededError(
                 f"sample-level privacy budget: spent epsilon {spent:.3f} in "
                 f"{len(self.sample_history)} participations; one more would reach {after:.3f} "
-                f"> target {asked.epsilon} (delta {asked.delta}). This device stops training."
+                f"> target {asked.epsilon} (delta {asked.delta}; "
+                f"{SAMPLE_ACCOUNTANT.upper()} accounting, RDP would say {by_rdp:.3f}). "
+                "This device stops training."
             )
         return self.sample_sigma
 

@@ -125,6 +125,10 @@ def skellam(
     The first term is the Gaussian's alpha * l2^2 / (2 variance); the second is
     the price of discreteness, which vanishes as the variance grows. Stated for
     integer orders only.
+
+    User-level releases stay on this RDP bound: ``dp_accounting``'s PLD accountant,
+    which DP-SGD uses (``fedcore.dp.pld``), has no event for the distributed,
+    multi-dimensional Skellam mechanism.
     """
     if variance <= 0:
         return [math.inf for _ in orders]
