@@ -13,10 +13,12 @@ code actually does (``participant.py``, ``secure_round.py``, ``status.py``,
   those at enrollment), configs, manifests, sums, models or the pointer.
 - read (``get``/``head``): model versions and the pointer, identities
   (public keys), cohort configs and phase manifests, the key and share
-  messages of members of a cohort the reader belongs to (share ciphertexts
-  are AES-GCM-encrypted per receiver), and its own check-ins and messages.
-  Never another member's masked/plain input or reveal, the masked sums, or
-  anything outside the layout (enrollment records, nonce markers).
+  messages of members of a cohort the reader belongs to (its own included;
+  share ciphertexts are AES-GCM-encrypted per receiver), and its own
+  check-ins. Never a masked/plain input or a reveal, not even its own (no
+  device code reads one back, so the gateway's IAM role can go without
+  read access to them: template.yaml, tests/infra/test_iam.py), the masked
+  sums, or anything outside the layout (enrollment records, nonce markers).
 - list: ``cohorts/`` (cohort discovery) and ``cohorts/{id}/`` (status view).
 
 There is no op for overwrite or delete at all: the gateway cannot sign one.
@@ -151,16 +153,17 @@ def _decide_read(client_id: str, parsed: layout.ParsedKey, cohort: CohortLookup)
         return _deny("masked sums are for the aggregation function only")
     if kind is Kind.CHECKIN:
         return _OK if parsed.client_id == client_id else _deny("another client's check-in")
+    if kind not in _PEER_READABLE:
+        # Inputs and reveals are for the aggregation function only, the sender's own too.
+        return _deny(f"{kind.value} messages are for the aggregation function only")
     if parsed.client_id == client_id:
-        return _OK  # its own message in a cohort
-    if kind in _PEER_READABLE:
-        facts = _membership(client_id, parsed, cohort)
-        if isinstance(facts, Decision):
-            return facts
-        if parsed.client_id not in facts.members:
-            return _deny("the sender is not a member of the cohort")
-        return _OK
-    return _deny(f"another client's {kind.value} message")
+        return _OK  # its own key or share message
+    facts = _membership(client_id, parsed, cohort)
+    if isinstance(facts, Decision):
+        return facts
+    if parsed.client_id not in facts.members:
+        return _deny("the sender is not a member of the cohort")
+    return _OK
 
 
 def _decide_list(prefix: str) -> Decision:

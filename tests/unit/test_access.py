@@ -117,6 +117,17 @@ def test_other_members_inputs_and_reveals_are_unreadable(
         assert not access.allowed(a, op, layout.sum_key(cid, "0123456789abcdef"), cohort=look)
 
 
+@given(client=ids, cid=cohorts, kind=st.sampled_from([Kind.MASKED, Kind.PLAIN, Kind.UNMASK]))
+def test_inputs_and_reveals_are_unreadable_even_to_their_sender(
+    client: str, cid: str, kind: Kind
+) -> None:
+    """GIVEN a member WHEN it asks to read back its own input or reveal THEN denied: no device
+    code reads one, so the gateway's role has no read grant on them (tests/infra/test_iam.py)."""
+    look = members(cid, {client})
+    for op in access.READ_OPS:
+        assert not access.allowed(client, op, layout.member_key(cid, kind, client), cohort=look)
+
+
 @given(a=ids, b=ids, cid=cohorts, kind=member_kinds, mode=modes)
 def test_only_members_may_use_a_cohort(a: str, b: str, cid: str, kind: Kind, mode: str) -> None:
     """A non-member may neither write its slot in a cohort nor read members' keys or shares."""
@@ -168,7 +179,7 @@ def test_devices_read_what_the_protocol_needs() -> None:
         layout.checkin_key(me, "abc"),
         layout.member_key(cid, Kind.KEYS, peer),
         layout.member_key(cid, Kind.SHARES, peer),
-        layout.member_key(cid, Kind.MASKED, me),
+        layout.member_key(cid, Kind.KEYS, me),
     ]:
         assert access.allowed(me, "get", key, cohort=look), key
         assert access.allowed(me, "head", key, cohort=look), key
