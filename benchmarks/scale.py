@@ -1,6 +1,6 @@
 """Scale: 1,000 simulated devices in cohorts of 100, secure aggregation on, to 95%.
 
-Runs ``edge_client.simulate`` (W worker processes each playing many devices)
+Runs ``infra.simulate`` (W worker processes each playing many devices)
 against the local stack: the embedded moto S3 server, the event pump and the
 sweeper timer invoking the real aggregation and sweeper handlers. Every
 cohort runs SecAgg+ with its default sparse graph (k = O(log n), 34 of 99
@@ -46,8 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_client import defaults as d
-from edge_client.simulate import SimSettings, StopRule, run
 from fedcore.server.settings import ServerSettings
+from infra.simulate import run
+from sim.simulation import StopRule
+from sim.worker import SimSettings
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 RESULTS_USER_DP = Path(__file__).parent / "results" / "scale_user_dp.json"

@@ -4,7 +4,6 @@ Subcommands:
   run       poll the bucket, join cohorts, train on this device's shard, upload
   evaluate  test accuracy of a global version (default: the newest)
   status    versions and open cohorts of the bucket
-  simulate  many simulated devices in a few worker processes, with a local stack
 
 Connection settings come from flags or the environment: ``S3_ENDPOINT_URL``
 (omit for AWS), ``BUCKET``, ``CLIENT_ID``; AWS credentials as boto3 finds them.
@@ -26,7 +25,6 @@ from typing import TYPE_CHECKING
 
 from edge_client import defaults as d
 from fedcore.errors import FedError
-from fedcore.server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from edge_client.device import DevicePrivacy
@@ -48,7 +46,6 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     env = os.environ
-    server = ServerSettings()  # what simulate's local stack runs with unless told otherwise
     ap = argparse.ArgumentParser(
         prog="python -m edge_client",
         description=__doc__,
@@ -204,52 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     st.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds")
     st.add_argument("--versions", type=int, default=10)
     st.add_argument("--cohorts", type=int, default=10)
-    sim = sub.add_parser(
-        "simulate",
-        help="many simulated devices in a few worker processes (starts a local stack)",
-    )
-    sim.add_argument("--devices", type=int, default=d.SIM_DEVICES)
-    sim.add_argument("--workers", type=int, default=0, help="worker processes (0: cpu count)")
-    sim.add_argument("--cohort-size", type=int, default=d.SIM_COHORT_SIZE)
-    sim.add_argument("--max-active", type=int, default=0, help="devices online at once (0: all)")
-    sim.add_argument("--min-cohort-size", type=int, default=d.SIM_MIN_COHORT_SIZE)
-    sim.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default=d.PARTITION)
-    sim.add_argument("--alpha", type=float, default=d.DIRICHLET_ALPHA)
-    sim.add_argument("--max-samples", type=int, default=0, help="cap each device's shard")
-    sim.add_argument("--epochs", type=int, default=d.SIM_TRAINING.epochs)
-    sim.add_argument("--batch-size", type=int, default=d.SIM_TRAINING.batch_size)
-    sim.add_argument("--lr", type=float, default=d.SIM_TRAINING.lr)
-    sim.add_argument("--momentum", type=float, default=d.SIM_TRAINING.momentum)
-    sim.add_argument("--plaintext", action="store_true", help="plaintext cohorts (debugging)")
-    sim.add_argument(
-        "--secagg-degree", type=int, default=server.secagg_degree,
-        help="0: SecAgg+ default (log n)",
-    )  # fmt: skip
-    sim.add_argument("--round-deadline-s", type=float, default=server.round_deadline_s)
-    sim.add_argument(
-        "--short-round-s", type=float, default=d.SIM_SHORT_ROUND_S,
-        help="key, share and unmask rounds (a cohort of 100 on a few cores needs over 60 s)",
-    )  # fmt: skip
-    sim.add_argument(
-        "--dp-user-noise", type=float, default=d.DP_USER_NOISE,
-        help="user-level distributed DP noise multiplier z for every cohort (0: off)",
-    )  # fmt: skip
-    sim.add_argument(
-        "--dp-user-clip", type=float, default=d.DP_USER_CLIP, help="L2 clip of each delta"
-    )
-    sim.add_argument("--drop-prob", type=float, default=0.0)
-    sim.add_argument("--drop-at", choices=["keys", "shares", "inputs"], default=d.DROP_AT)
-    sim.add_argument("--target-accuracy", type=float, default=0.0, help="stop at this accuracy")
-    sim.add_argument("--max-versions", type=int, default=0, help="stop at this version")
-    sim.add_argument("--max-minutes", type=float, default=d.SIM_MAX_MINUTES)
-    sim.add_argument(
-        "--endpoint-url", default=None, help="an S3 API to use instead of the embedded server"
-    )
-    sim.add_argument("--bucket", default=None, help="default: a fresh fl-sim-<time> bucket")
-    sim.add_argument("--report", type=Path, default=Path("runs/simulate/report.json"))
     args = ap.parse_args(argv)
-    if args.command == "simulate":
-        return args
     if not args.bucket and not getattr(args, "gateway", None):
         ap.error("no bucket: pass --bucket or set BUCKET (or --gateway for run)")
     if args.command == "run":
@@ -435,49 +387,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    import json
-
-    from edge_client.simulate import SimSettings, StopRule, run
-
-    settings = SimSettings(
-        devices=args.devices, workers=args.workers, partition=args.partition, alpha=args.alpha,
-        max_samples=args.max_samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        momentum=args.momentum, mode="plaintext" if args.plaintext else "secagg",
-        drop_prob=args.drop_prob, drop_at=args.drop_at, max_active=args.max_active,
-    )  # fmt: skip
-    server = {
-        "cohort_size": args.cohort_size,
-        "min_cohort_size": args.min_cohort_size,
-        "round_deadline_s": args.round_deadline_s,
-        "short_round_s": args.short_round_s,
-        "secagg_degree": args.secagg_degree,
-    }
-    if args.dp_user_noise > 0:
-        if args.plaintext:
-            print("--dp-user-noise needs secure aggregation (drop --plaintext)", file=sys.stderr)
-            return 2
-        server |= {"dp_user_noise": args.dp_user_noise, "dp_user_clip": args.dp_user_clip}
-    rule = StopRule(args.target_accuracy, args.max_versions, args.max_minutes * 60)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    report = run(
-        settings, server, rule, endpoint_url=args.endpoint_url, bucket=args.bucket,
-        log_path=args.report.parent / "functions.log",
-    )  # fmt: skip
-    args.report.write_text(json.dumps(report, indent=2, default=str))
-    print(
-        f"{report['final_version']} versions, accuracy {report['final_test_accuracy']}, "
-        f"{report['wall_time_s']:.0f}s; report {args.report}"
-    )
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return {
             "run": cmd_run, "evaluate": cmd_evaluate, "status": cmd_status,
-            "simulate": cmd_simulate,
         }[args.command](args)  # fmt: skip
     except KeyboardInterrupt:
         print("interrupted; nothing partial was written", file=sys.stderr)

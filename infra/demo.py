@@ -34,9 +34,10 @@ from fedcore.messages import parse_result
 from fedcore.server.settings import ServerSettings
 from fedcore.status import cohort_ids
 from fedcore.storage import S3Store
-from fedcore.versions import find_head, load_model
+from fedcore.versions import load_model
 from infra import cost
 from infra.stack import LocalStack
+from infra.watch import Ended, VersionWatch
 
 PLAIN_TRAINING = {**asdict(d.DEVICE_TRAINING), "round_deadline_s": 90.0, "versions": 8}
 # DP-SGD is about 3x slower per example: a longer input round and fewer versions.
@@ -366,32 +367,23 @@ def main(argv: list[str] | None = None) -> int:
         acc0, _ = evaluate(build(params, activation=activation), mnist.test_x, mnist.test_y)
         print(f"v0     initial model                                   acc {acc0:.4f}")
         procs = spawn_devices(args, stack, out)
-        seen = 0
         tally = ReleaseTally()
+        watch = VersionWatch(stack.store, max_s=args.timeout_s, t0=t0, seen=0)
         last_note = time.monotonic()
-        try:
-            while seen < args.versions:
-                if time.monotonic() - t0 > args.timeout_s:
-                    print(
-                        f"timeout after {args.timeout_s:.0f}s with {seen} versions", file=sys.stderr
-                    )
-                    break
-                head = find_head(stack.store)
-                if head <= seen and all(p.poll() is not None for p in procs):
-                    print("all devices exited early; see their logs", file=sys.stderr)
-                    break
-                if head <= seen:
-                    if time.monotonic() - last_note > 30:
-                        print(
-                            f"... waiting for v{seen + 1} ({time.monotonic() - t0:.0f}s)",
-                            flush=True,
-                        )
-                        last_note = time.monotonic()
-                    time.sleep(0.5)
-                    continue
-                seen += 1
+
+        def wait() -> None:
+            nonlocal last_note
+            if time.monotonic() - last_note > 30:
+                print(
+                    f"... waiting for v{watch.seen + 1} ({time.monotonic() - t0:.0f}s)", flush=True
+                )
                 last_note = time.monotonic()
-                params, meta, _ = load_model(stack.store, seen)
+            time.sleep(0.5)
+
+        try:
+            for new in watch.follow(wait=wait, alive=lambda: any(p.poll() is None for p in procs)):
+                seen, params, meta = new.version, new.params, new.meta
+                last_note = time.monotonic()
                 tally.add(meta.metrics.get("privacy"), meta.members, where=f"v{seen}")
                 acc, loss = evaluate(
                     build(params, activation=activation), mnist.test_x, mnist.test_y
@@ -426,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{eps_text}",
                     flush=True,
                 )
+                if seen >= args.versions:
+                    break
+            if watch.ended is Ended.TIMEOUT:
+                n = len(report["versions"])
+                print(f"timeout after {args.timeout_s:.0f}s with {n} versions", file=sys.stderr)
+            elif watch.ended is Ended.EXITED:
+                print("all devices exited early; see their logs", file=sys.stderr)
         finally:
             stop_devices(procs)
         report["cohorts"] = cohort_outcomes(stack.store, report["versions"])

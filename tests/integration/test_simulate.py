@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from edge_client.simulate import SimSettings, StopRule, run
 from fedcore import layout
 from fedcore.messages import parse_config
 from fedcore.status import cohort_ids
 from fedcore.storage import S3Store
+from infra.simulate import run
+from sim.simulation import StopRule
+from sim.worker import SimSettings
 from tests.helpers import assert_consistent
 
 DEVICES, COHORT, VERSIONS = 30, 10, 2

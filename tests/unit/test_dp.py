@@ -297,7 +297,7 @@ def test_release_accounting_uses_the_survivors_noise() -> None:
 
 def test_simulation_composes_each_devices_releases() -> None:
     """The scale run's per-device spend: a device in two releases has spent both."""
-    from edge_client.simulate import UserPrivacyTally
+    from sim.simulation import UserPrivacyTally
 
     dp = _dp(z=1.0)
     one = dp.release(10, 1000)

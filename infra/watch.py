@@ -1,0 +1,81 @@
+"""Follow a bucket's global versions as they appear: the loop the demo and the simulator share.
+
+``make demo`` and ``python -m infra.simulate`` watch a run the same way: wait
+a little (the simulator drains its workers' reports meanwhile, the demo
+sleeps), read the head, load every version past the last one seen, and end
+when the time is up or whatever makes versions has exited. What a run does
+with each version (evaluate it, build its report entry, print a line) stays
+with the run; the loop, its clock and why it ended live here once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from fedcore.codec import ModelMeta
+from fedcore.storage import ObjectStore
+from fedcore.versions import find_head, load_model
+
+
+class Ended(Enum):
+    """Why ``VersionWatch.follow`` stopped by itself (a caller may also stop it early)."""
+
+    TIMEOUT = "timeout"  # ``max_s`` passed
+    EXITED = "exited"  # ``alive()`` said nothing that makes versions is left
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    version: int
+    params: dict[str, np.ndarray]
+    meta: ModelMeta
+
+
+class VersionWatch:
+    """New global versions of ``store``, in order, until ``max_s`` after ``t0``.
+
+    ``seen`` is the last version already accounted for: the head at the start
+    unless given (the demo counts from 0, so a reused bucket's versions count).
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        max_s: float,
+        t0: float | None = None,
+        seen: int | None = None,
+    ) -> None:
+        self.store = store
+        self.max_s = max_s
+        self.t0 = time.monotonic() if t0 is None else t0
+        self.seen = find_head(store) if seen is None else seen
+        self.ended: Ended | None = None
+
+    def elapsed_s(self) -> float:
+        return round(time.monotonic() - self.t0, 2)
+
+    def follow(
+        self, *, wait: Callable[[], None], alive: Callable[[], bool]
+    ) -> Iterator[NewVersion]:
+        """Yield each version past ``seen``; ``wait()`` runs before every read of the head.
+
+        Every version already written is yielded before ``alive()`` is asked, so
+        the last versions of a run that has just finished are not lost.
+        """
+        while time.monotonic() - self.t0 < self.max_s:
+            wait()
+            head = find_head(self.store)
+            while self.seen < head:
+                self.seen += 1
+                params, meta, _ = load_model(self.store, self.seen)
+                yield NewVersion(self.seen, params, meta)
+            if not alive():
+                self.ended = Ended.EXITED
+                return
+        self.ended = Ended.TIMEOUT
