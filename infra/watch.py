@@ -65,17 +65,20 @@ class VersionWatch:
     ) -> Iterator[NewVersion]:
         """Yield each version past ``seen``; ``wait()`` runs before every read of the head.
 
-        Every version already written is yielded before ``alive()`` is asked, so
-        the last versions of a run that has just finished are not lost.
+        ``alive()`` is asked before the head is read, and the versions up to
+        that head are yielded before the watch ends: a version written while
+        the caller was evaluating the previous one, just before the last device
+        exited, is not lost.
         """
         while time.monotonic() - self.t0 < self.max_s:
             wait()
+            exited = not alive()
             head = find_head(self.store)
             while self.seen < head:
                 self.seen += 1
                 params, meta, _ = load_model(self.store, self.seen)
                 yield NewVersion(self.seen, params, meta)
-            if not alive():
+            if exited:
                 self.ended = Ended.EXITED
                 return
         self.ended = Ended.TIMEOUT
