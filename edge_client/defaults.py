@@ -65,7 +65,7 @@ DP_USER_CLIP = _SERVER.dp_user_clip  # user-level L2 clip C a server applies
 DP_USER_EPSILON = 10.0  # a device's user-level epsilon cap over all its releases
 DEVICE_MAX_USER_CLIP = math.inf  # a device joins cohorts with any clip unless told otherwise
 
-# Many simulated devices (``edge_client simulate``, ``benchmarks/scale.py``): the acceptance
+# Many simulated devices (``python -m infra.simulate``, ``benchmarks/scale.py``): the acceptance
 # target of 1,000 devices in cohorts of 100.
 SIM_DEVICES = 1000
 SIM_COHORT_SIZE = 100
