@@ -194,29 +194,24 @@ class Cache:
             return self._messages[(key, etag)]
         if (blob := self._prefetched.pop(key, None)) is None:  # every caller prefetches first
             raise NotFoundError(f"{key}: gone before it could be read")
-        ids = {
-            "identity": self.member_identity(cfg, client),
-            "cohort_id": cid,
-            "client_id": client,
-            "where": key,
-        }
-        graph = self.graph(cfg)
+        identity = self.member_identity(cfg, client)
+        neighbours = self.graph(cfg)[client] if phase is not Phase.KEYS else set()
         msg: Message
         if phase is Phase.KEYS:
-            msg = admission.admit_keys(blob, **ids)  # type: ignore[arg-type]
-        elif phase is Phase.SHARES:
-            u1 = set(self.expected(cid, cfg, Phase.SHARES) or [])
-            msg = admission.admit_shares(blob, **ids, neighbours=graph[client], u1=u1)  # type: ignore[arg-type]
-        elif phase is Phase.UNMASK:
-            u2 = set(self.expected(cid, cfg, Phase.INPUTS) or [])
-            u3 = set(self.expected(cid, cfg, Phase.UNMASK) or [])
-            msg = admission.admit_unmask(
-                blob,
-                **ids,
-                neighbours=graph[client],
-                u2=u2,
-                u3=u3,  # type: ignore[arg-type]
+            msg = admission.admit_keys(
+                blob, identity=identity, cohort_id=cid, client_id=client, where=key
             )
+        elif phase is Phase.SHARES:
+            msg = admission.admit_shares(
+                blob, identity=identity, cohort_id=cid, client_id=client, where=key,
+                neighbours=neighbours, u1=set(self.expected(cid, cfg, Phase.SHARES) or []),
+            )  # fmt: skip
+        elif phase is Phase.UNMASK:
+            msg = admission.admit_unmask(
+                blob, identity=identity, cohort_id=cid, client_id=client, where=key,
+                neighbours=neighbours, u2=set(self.expected(cid, cfg, Phase.INPUTS) or []),
+                u3=set(self.expected(cid, cfg, Phase.UNMASK) or []),
+            )  # fmt: skip
         else:  # pragma: no cover - inputs are validated while summing
             raise ValueError(phase)
         self._messages[(key, etag)] = msg
