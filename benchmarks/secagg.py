@@ -95,7 +95,7 @@ def server_step(step: str, endpoint: str, bucket: str, cohort: str, n: int) -> d
     if step == "sum":  # what the sweeper does when the input round's deadline passes
         outcome = coord.close_phase(cohort, Phase.INPUTS, "deadline")
     elif step == "finalize":  # what the event of the last unmask object triggers
-        secure_mean = coord._secure_mean
+        secure_mean = coord.finalizer.secure_mean
         spans: dict[str, float] = {}
 
         def timed_secure_mean(*a: Any, **k: Any) -> Any:
@@ -105,7 +105,7 @@ def server_step(step: str, endpoint: str, bucket: str, cohort: str, n: int) -> d
             finally:
                 spans["unmask_s"] = time.perf_counter() - t
 
-        coord._secure_mean = timed_secure_mean  # type: ignore[method-assign]
+        coord.finalizer.secure_mean = timed_secure_mean  # type: ignore[method-assign]
         coord.close_phase(cohort, Phase.UNMASK, "all-members")
         spans["close_unmask_round_s"] = time.perf_counter() - start
         outcome = coord.finalize(cohort)

@@ -24,6 +24,9 @@ STORE_METHODS = frozenset(
 )  # fmt: skip
 
 
+PROJECT = ("fedcore", "functions")
+
+
 class Killed(BaseException):
     """The process died here (an injected crash)."""
 
@@ -44,6 +47,49 @@ def _is_store(node: ast.expr) -> bool:
     return (isinstance(node, ast.Name) and node.id == "store") or (
         isinstance(node, ast.Attribute) and node.attr == "store"
     )
+
+
+def _module_file(module: str) -> Path | None:
+    path = ROOT.joinpath(*module.split("."))
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_files(entry_points: list[str], packages: tuple[str, ...] = PROJECT) -> list[str]:
+    """The entry points and every project module they import, transitively (paths from the root).
+
+    Found statically (every ``import`` statement, including those inside functions), so
+    a module split out of one the functions use is scanned for call sites without being
+    listed by hand.
+    """
+    seen: set[Path] = set()
+    todo = [ROOT / e for e in entry_points]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        package = ".".join(path.relative_to(ROOT).parent.parts)
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolved against this file's package
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                names = [base, *(f"{base}.{a.name}" for a in node.names)]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] not in packages:
+                    continue
+                for i in range(1, len(parts) + 1):  # the packages on the way are run too
+                    if (found := _module_file(".".join(parts[:i]))) is not None:
+                        todo.append(found)
+    return sorted(str(p.relative_to(ROOT)) for p in seen)
 
 
 def call_sites(paths: list[str]) -> list[Site]:
@@ -85,7 +131,7 @@ class CrashingStore:
         self.crashed: set[Site] = set()
         self.reached: set[Site] = set()
         self._done: set[tuple[Site, tuple[str, ...]]] = set()
-        self._project = tuple(str(ROOT / d) for d in ("fedcore", "functions"))
+        self._project = tuple(str(ROOT / d) for d in PROJECT)
         self._lock = threading.Lock()
 
     @property

@@ -11,6 +11,7 @@ import pytest
 from fedcore import layout
 from fedcore.layout import Kind, Phase
 from fedcore.participant import Participant
+from fedcore.server import formation
 from fedcore.server.coordinator import Coordinator
 from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
@@ -223,7 +224,9 @@ def join_all_direct(store: S3Store, coord: Coordinator, clients: list[str]):  # 
     return {c: parts[c].find_cohort(tickets[c])[0] for c in clients}
 
 
-def test_formation_from_a_stale_view_never_reuses_a_taken_checkin(store: S3Store) -> None:
+def test_formation_from_a_stale_view_never_reuses_a_taken_checkin(
+    store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """GIVEN invocation B that listed the check-ins and cohorts just before invocation A
     formed two cohorts from them (and A died before deleting the check-ins) WHEN B goes on
     THEN B's config write loses, B re-lists and forms nothing: no check-in is in two cohorts.
@@ -232,10 +235,11 @@ def test_formation_from_a_stale_view_never_reuses_a_taken_checkin(store: S3Store
     tiny_seed(store)
     settings = ServerSettings(cohort_size=2, min_cohort_size=2, mode="plaintext")
     a, b = Coordinator(store, settings), Coordinator(store, settings)
-    a._delete_checkins = lambda cfg: None  # type: ignore[method-assign] # A dies before deleting
+    # A dies before deleting the check-ins it took (B, holding a stale view, forms nothing).
+    monkeypatch.setattr(formation, "delete_checkins", lambda store, cfg: None)
     for c in "wxyz":
         Participant(store, c, mode="plaintext").check_in(0)
-    stale = b._waiting
+    stale = b.formation.waiting
     calls = {"n": 0}
 
     def waiting_then_a_forms(now: float):  # type: ignore[no-untyped-def]
@@ -245,7 +249,7 @@ def test_formation_from_a_stale_view_never_reuses_a_taken_checkin(store: S3Store
             assert len(a.form_cohorts()) == 2  # A wins while B holds its stale view
         return view
 
-    b._waiting = waiting_then_a_forms  # type: ignore[method-assign]
+    b.formation.waiting = waiting_then_a_forms  # type: ignore[method-assign]
     assert b.form_cohorts() == []
     ids = b.cohort_ids()
     assert len(ids) == 2
