@@ -12,6 +12,7 @@ import ctypes.util
 import os
 from functools import lru_cache
 
+from fedcore.clock import Clock, SystemClock
 from fedcore.metrics import MetricSink
 from fedcore.server.coordinator import Coordinator
 from fedcore.server.settings import ServerSettings
@@ -43,6 +44,26 @@ def _one_malloc_arena() -> None:
 _one_malloc_arena()
 
 
+# The time the coordinator reads. Handlers are called with only (event, context), so a
+# local stack that wants deadlines crossed on its own clock (``LocalStack(clock=...)``)
+# sets it here for every invocation in this process; deployed functions keep the system's.
+_clock: Clock = SystemClock()
+
+
+def set_clock(clock: Clock | None) -> Clock:
+    """Make every coordinator built from now on read ``clock`` (None: the system clock).
+
+    Returns the clock it replaces, so that the caller can put it back.
+    """
+    global _clock
+    previous, _clock = _clock, clock if clock is not None else SystemClock()
+    return previous
+
+
+def get_clock() -> Clock:
+    return _clock
+
+
 @lru_cache(maxsize=8)
 def _store(bucket: str, endpoint: str | None) -> S3Store:
     return S3Store.connect(bucket, endpoint, role="function")
@@ -55,4 +76,4 @@ def coordinator(metric: MetricSink | None = None) -> Coordinator:
         raise RuntimeError("BUCKET is not set: the function does not know its bucket")
     store = _store(bucket, os.environ.get("S3_ENDPOINT_URL") or None)
     kwargs = {"metric": metric} if metric else {}
-    return Coordinator(store, ServerSettings.from_env(), **kwargs)
+    return Coordinator(store, ServerSettings.from_env(), clock=_clock, **kwargs)

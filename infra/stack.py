@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedcore.clock import Clock, ManualClock
 from fedcore.errors import NotFoundError
 from fedcore.events import scheduled_event
 from fedcore.modelspec import init_params
@@ -81,7 +82,15 @@ class LocalStack:
         seed: int | None = None,
         notifications: PushSource | None = None,
         gateway: bool = True,
+        clock: Clock | None = None,
     ) -> None:
+        """``clock`` is the time the aggregator and the sweeper read (None: the system's).
+
+        A ``ManualClock`` makes deadlines pass only when a test calls ``advance``:
+        cohort configs, manifests and results are stamped with it too, so every
+        deadline the functions compute is on that clock. The device gateway keeps the
+        system clock, since it checks the devices' own (real) timestamps.
+        """
         self._given_endpoint = endpoint_url
         self.gateway = gateway  # serve the device gateway (presigned URLs) on gateway_url
         self.gateway_url = ""
@@ -99,6 +108,8 @@ class LocalStack:
         self.workers = workers
         self.log_path = log_path
         self.seed = seed
+        self.clock = clock
+        self._previous_clock: Clock | None = None
         self.notifications = notifications
         self._unsubscribe: Callable[[], None] | None = None
         self._server: EmbeddedS3 | None = None
@@ -121,8 +132,12 @@ class LocalStack:
             os.environ.pop(env, None)
         os.environ.update(self._setting_env)
         # Import after the environment is set: the handlers read it per invocation.
+        from functions import runtime
         from functions.aggregator.app import handler as aggregate
         from functions.sweeper.app import handler as sweep
+
+        if self.clock is not None:
+            self._previous_clock = runtime.set_clock(self.clock)
 
         if self.gateway:
             import functions.gateway.app  # noqa: F401 - its loggers exist before routing
@@ -161,6 +176,18 @@ class LocalStack:
     def sweep_now(self) -> None:
         self._sweep_once()
 
+    def advance(self, seconds: float) -> None:
+        """Move the stack's ``ManualClock`` forward, then sweep once, as the schedule would.
+
+        The sweeper timer keeps its real-time cadence; with a clock that stands still,
+        its sweeps find no deadline passed, so this sweep is the one that closes what
+        the jump made overdue.
+        """
+        if not isinstance(self.clock, ManualClock):
+            raise TypeError(f"advance needs LocalStack(clock=ManualClock()), not {self.clock!r}")
+        self.clock.advance(seconds)
+        self.sweep_now()
+
     def stop(self) -> None:
         if self._gateway:
             self._gateway.stop()
@@ -172,6 +199,11 @@ class LocalStack:
             self.pump.stop()
         if self._server:
             self._server.stop()
+        if self._previous_clock is not None:
+            from functions import runtime
+
+            runtime.set_clock(self._previous_clock)
+            self._previous_clock = None
 
     def __enter__(self) -> LocalStack:
         return self.start()
