@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 from fedcore import layout
 from fedcore.codec import ModelMeta
@@ -18,12 +20,22 @@ from fedcore.versions import find_head, read_meta
 
 TINY = {"w": (6, 5), "b": (5,)}
 
+# The S3 APIs a scenario can run on (``backend`` fixture, tests/conftest.py): moto's
+# server, whose objects LocalStack's pump finds by listing, and SeaweedFS, whose
+# webhook bridge pushes the events. ``@both_backends`` runs a test on each.
+BACKENDS = ("moto", "seaweed")
+both_backends = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+
 
 def delta_for(
     client: str, spec: dict[str, tuple[int, ...]] = TINY, scale: float = 0.01
 ) -> dict[str, np.ndarray]:
-    """A deterministic per-client update, so expected means can be computed."""
-    rng = np.random.default_rng(abs(hash(client)) % 2**32)
+    """A deterministic per-client update, so expected means can be computed.
+
+    Seeded with a CRC of the name: ``hash(str)`` changes with PYTHONHASHSEED, which
+    made every run draw different updates.
+    """
+    rng = np.random.default_rng(zlib.crc32(client.encode()))
     return {k: (scale * rng.normal(size=s)).astype(np.float32) for k, s in spec.items()}
 
 
@@ -85,9 +97,11 @@ def assert_consistent(store: S3Store, expect_cohorts: set[str] | None = None) ->
 
 
 __all__ = [
+    "BACKENDS",
     "SIMPLE_CNN",
     "TINY",
     "assert_consistent",
+    "both_backends",
     "chain",
     "delta_for",
     "join_all",

@@ -1,4 +1,9 @@
-"""The cohort protocol through the real handlers, real S3 events and the moto server."""
+"""The cohort protocol through the real handlers and real S3 events.
+
+The stacks run on a ``ManualClock``: a deadline passes when the test advances it,
+never because the machine was slow. The scenarios marked ``both_backends`` run on
+moto (the pump lists new objects) and on SeaweedFS (its webhook bridge pushes them).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import numpy as np
 import pytest
 
 from fedcore import layout
+from fedcore.clock import ManualClock
 from fedcore.layout import Kind, Phase
 from fedcore.participant import Participant
 from fedcore.server import formation
@@ -17,7 +23,16 @@ from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, load_model, read_pointer, seed
 from infra.stack import LocalStack
-from tests.helpers import TINY, assert_consistent, delta_for, join_all, wait_until
+from tests.helpers import (
+    TINY,
+    assert_consistent,
+    both_backends,
+    delta_for,
+    join_all,
+    wait_until,
+)
+
+ROUND_S = 60.0  # on the stack's ManualClock: only an advance() crosses it
 
 
 def tiny_seed(store: S3Store) -> dict[str, np.ndarray]:
@@ -35,7 +50,7 @@ def stack_factory(s3_endpoint: str, store: S3Store, notifications):  # type: ign
         settings = {
             "cohort_size": 3,
             "min_cohort_size": 2,
-            "round_deadline_s": 60,
+            "round_deadline_s": ROUND_S,
             "mode": "plaintext",
             **kw.pop("settings", {}),
         }
@@ -44,6 +59,7 @@ def stack_factory(s3_endpoint: str, store: S3Store, notifications):  # type: ign
             bucket=store.bucket,
             settings=settings,
             notifications=notifications,
+            clock=ManualClock(),
             **kw,
         ).start()
         stacks.append(st)
@@ -60,9 +76,16 @@ def upload(store: S3Store, client: str, cfg, n: int = 10) -> None:  # type: igno
     )
 
 
-def test_cohort_applies_weighted_mean(stack_factory, store: S3Store) -> None:  # type: ignore[no-untyped-def]
-    """GIVEN 3 devices with 10, 20, 30 samples WHEN all upload THEN v1 = v0 + weighted mean."""
-    st = stack_factory()
+@both_backends
+def test_cohort_applies_weighted_mean(
+    stack_factory, store: S3Store, backend: str, request: pytest.FixtureRequest
+) -> None:  # type: ignore[no-untyped-def]
+    """GIVEN 3 devices with 10, 20, 30 samples WHEN all upload THEN v1 = v0 + weighted mean,
+    every step triggered by an S3 event (the sweeper never runs); on SeaweedFS each of
+    those events came from its webhook bridge, as the pump lists nothing there."""
+    seaweed = request.getfixturevalue("seaweed") if backend == "seaweed" else None
+    bridged = seaweed.bridge.stats.delivered if seaweed else 0
+    st = stack_factory(sweep_interval_s=3600.0)
     cfgs = join_all(store, ["a", "b", "c"])
     assert len({c.cohort_id for c in cfgs.values()}) == 1
     for client, n in zip("abc", (10, 20, 30), strict=True):
@@ -81,8 +104,15 @@ def test_cohort_applies_weighted_mean(stack_factory, store: S3Store) -> None:  #
     assert meta.members == ["a", "b", "c"]
     st.pump.drain()
     assert_consistent(store)
+    assert st.sweeps == 0 and st.pump.stats.dead_letters == []
+    # 3 check-ins, the config, 3 uploads, the inputs manifest and the result at least.
+    assert st.pump.stats.events >= 9
+    assert st.pump.listing is (seaweed is None)
+    if seaweed is not None:
+        assert seaweed.bridge.stats.delivered > bridged
 
 
+@both_backends
 def test_duplicated_shuffled_events_and_concurrent_cohorts(stack_factory, store: S3Store) -> None:  # type: ignore[no-untyped-def]
     """GIVEN every event delivered twice, shuffled, and 4 cohorts finishing at once, for 3 rounds
     THEN the version chain is linear and every cohort is applied exactly once, with staleness."""
@@ -118,11 +148,14 @@ def test_deadline_closes_with_survivors_and_small_cohort_aborts(
     """GIVEN a cohort where one of 3 never uploads THEN the sweeper closes it at the deadline
     and applies the 2 survivors; GIVEN a cohort where only 1 uploads THEN it aborts cleanly
     and the next cohort still proceeds."""
-    st = stack_factory(settings={"round_deadline_s": 1.0}, sweep_interval_s=0.3)
+    st = stack_factory()
     cfgs = join_all(store, ["a", "b", "c"])
     upload(store, "a", cfgs["a"])
     upload(store, "b", cfgs["b"])
     cid = cfgs["a"].cohort_id
+    st.sweep_now()
+    assert Participant(store, "a", mode="plaintext").result(cid) is None  # not due yet
+    st.advance(ROUND_S)
     wait_until(
         lambda: Participant(store, "a", mode="plaintext").result(cid) is not None,
         what="deadline close",
@@ -135,6 +168,7 @@ def test_deadline_closes_with_survivors_and_small_cohort_aborts(
     cfgs = join_all(store, ["a", "b", "c"], 1)
     upload(store, "a", cfgs["a"])
     cid2 = cfgs["a"].cohort_id
+    st.advance(ROUND_S)
     wait_until(
         lambda: Participant(store, "a", mode="plaintext").result(cid2) is not None, what="abort"
     )

@@ -1,33 +1,51 @@
-"""Secure aggregation end to end: real handlers, real S3 events, the moto server.
+"""Secure aggregation end to end: real handlers, real S3 events, a real S3 API.
 
 Ten synthetic devices per cohort (no torch) run the four rounds; some vanish
 at a chosen point; the applied version must equal the plaintext weighted mean
 of the members that were counted, within the quantization bound.
+
+The stack runs on a ``ManualClock``: a round that dropouts left open is closed by
+advancing the clock past its deadline once every member still expected in it has
+written or is gone (``close_rounds_left_open``), never by waiting it out, so a
+slow machine can neither close a round on an honest member nor make a test wait.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from fedcore import layout
+from fedcore.clock import ManualClock
 from fedcore.codec import encode_tensors
 from fedcore.layout import Kind, Phase
-from fedcore.messages import CohortConfig
+from fedcore.messages import CohortConfig, parse_manifest
 from fedcore.secagg import crypto
 from fedcore.secagg.protocol import MASKED_TENSOR, MaskedMeta, masked_metadata
 from fedcore.secure_round import run_secure_cohort
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, load_model, seed
 from infra.stack import LocalStack
-from tests.helpers import TINY, assert_consistent, delta_for, join_all, participant, wait_until
+from tests.helpers import (
+    TINY,
+    assert_consistent,
+    both_backends,
+    delta_for,
+    join_all,
+    participant,
+    wait_until,
+)
 
 N = 10
 WEIGHT_CAP = 100
-ROUND_S = 5.0
+ROUND_S = 5.0  # on the stack's ManualClock; the devices give up after 4 * ROUND_S + 20 real s
+# The secure rounds in order, with the per-member object each collects.
+ROUNDS = ((Phase.KEYS, Kind.KEYS), (Phase.SHARES, Kind.SHARES), (Phase.INPUTS, Kind.MASKED),
+          (Phase.UNMASK, Kind.UNMASK))  # fmt: skip
 SAMPLES = {f"s{i:02d}": 10 + 5 * i for i in range(N)}
 
 
@@ -38,8 +56,6 @@ def stack(s3_endpoint: str, store: S3Store, notifications):  # type: ignore[no-u
         "mode": "secagg",
         "cohort_size": N,
         "min_cohort_size": 5,
-        # Deadlines only close rounds that someone left: generous enough that a loaded
-        # 2-core CI machine never misses one (a 1 s key round once closed empty).
         "short_round_s": ROUND_S,
         "round_deadline_s": ROUND_S,
         "secagg_weight_cap": WEIGHT_CAP,
@@ -47,13 +63,47 @@ def stack(s3_endpoint: str, store: S3Store, notifications):  # type: ignore[no-u
     }
     with LocalStack(
         endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, sweep_interval_s=0.2,
-        duplicate=True, shuffle=True, seed=3, notifications=notifications,
+        duplicate=True, shuffle=True, seed=3, notifications=notifications, clock=ManualClock(),
     ) as st:  # fmt: skip
         yield st
 
 
+def close_rounds_left_open(
+    stack: LocalStack,
+    store: S3Store,
+    cfg: CohortConfig,
+    threads: dict[str, threading.Thread],
+    timeout_s: float = 60.0,
+) -> None:
+    """Advance the stack's clock past each round's deadline that only its deadline can close.
+
+    That is a round in which every member still expected (the previous round's
+    manifest) has written its object or is gone (its thread ended), and at least
+    one of them is gone without writing. A round everyone wrote closes on its own
+    event; advancing then could let that close stamp the old time and the jump
+    make the next round overdue at once. Returns when the cohort has a result.
+    """
+    cid = cfg.cohort_id
+    stop = time.monotonic() + timeout_s
+    while store.head(layout.state_key(cid, Phase.RESULT)) is None:
+        if time.monotonic() > stop:
+            raise AssertionError(f"{cid}: no result after {timeout_s}s")
+        expected = sorted(cfg.members)
+        for phase, kind in ROUNDS:
+            key = layout.state_key(cid, phase)
+            if store.head(key) is not None:
+                expected = parse_manifest(store.get(key).body, where=key).members
+                continue
+            written = {i.key for i in store.list(layout.member_prefix(cid, kind))}
+            pending = [c for c in expected if layout.member_key(cid, kind, c) not in written]
+            if pending and not any(threads[c].is_alive() for c in pending):
+                stack.advance(ROUND_S)
+            break
+        time.sleep(0.05)
+
+
 def run_cohort(
-    store: S3Store, version: int, drops: dict[str, str], *, before_upload=None
+    stack: LocalStack, store: S3Store, version: int, drops: dict[str, str], *, before_upload=None
 ) -> tuple[CohortConfig, dict[str, str]]:  # type: ignore[no-untyped-def]
     clients = sorted(SAMPLES)
     cfgs = join_all(store, clients, version, mode="secagg")
@@ -67,18 +117,15 @@ def run_cohort(
             drop_at=drops.get(c), poll_s=0.05, slack_s=20,
         )  # fmt: skip
 
-    threads = [threading.Thread(target=member, args=(c,)) for c in clients]
-    for t in threads:
+    # Daemons: a device still waiting after a failed assertion must not hold up the session.
+    threads = {c: threading.Thread(target=member, args=(c,), daemon=True) for c in clients}
+    for t in threads.values():
         t.start()
     if before_upload:
         before_upload(cfg)
-    for t in threads:
+    close_rounds_left_open(stack, store, cfg, threads)
+    for t in threads.values():
         t.join()
-    wait_until(
-        lambda: participant(store, clients[0]).result(cfg.cohort_id) is not None,
-        30,
-        "cohort result",
-    )
     return cfg, outcomes
 
 
@@ -118,7 +165,7 @@ def test_dropouts_at_each_round_match_plaintext_mean(stack, store: S3Store) -> N
     clients = sorted(SAMPLES)
     for i, (fraction, where) in enumerate(CASES):
         dropped = clients[1 : 1 + round(fraction * N)]
-        cfg, outcomes = run_cohort(store, i, {c: where for c in dropped})
+        cfg, outcomes = run_cohort(stack, store, i, {c: where for c in dropped})
         # Members who vanish after uploading are still in the sum (their self masks are
         # reconstructed from their neighbours' shares); the others are not.
         survivors = clients if where == "inputs" else [c for c in clients if c not in dropped]
@@ -129,27 +176,35 @@ def test_dropouts_at_each_round_match_plaintext_mean(stack, store: S3Store) -> N
     assert_consistent(store)
 
 
+@both_backends
 def test_forty_percent_dropout_applies_with_self_held_shares(stack, store: S3Store) -> None:  # type: ignore[no-untyped-def]
     """GIVEN 4 of 10 vanishing after sharing keys (k = 9, t = 6 of 10 holders) THEN every
     survivor's self mask is rebuilt from 5 other survivors plus its own share, and the
     cohort applies the survivors' mean (regression: the demo aborted a cohort of 5 with
-    2 dropouts when members did not hold their own shares)."""
+    2 dropouts when members did not hold their own shares). On SeaweedFS every step ran
+    on an event from its webhook bridge, each delivered twice and shuffled."""
     clients = sorted(SAMPLES)
     dropped = clients[:4]
-    cfg, _ = run_cohort(store, 0, {c: "shares" for c in dropped})
+    cfg, outcomes = run_cohort(stack, store, 0, {c: "shares" for c in dropped})
     check_applied(store, cfg, clients[4:], 0)
+    assert all(outcomes[c] == "dropped" for c in dropped)
+    assert all(outcomes[c] == "completed" for c in clients[4:]), outcomes
+    stack.pump.drain()
+    assert stack.pump.listing is (stack.notifications is None) and stack.pump.stats.events > 0
+    assert stack.pump.stats.dead_letters == []
+    assert_consistent(store, {cfg.cohort_id})
 
 
 def test_too_few_survivors_aborts_and_next_cohort_proceeds(stack, store: S3Store, caplog) -> None:  # type: ignore[no-untyped-def]
     """GIVEN 6 of 10 vanish after sharing (4 < minimum 5) THEN the cohort aborts without an
     unmask round (no share is revealed) and the next cohort applies normally."""
     clients = sorted(SAMPLES)
-    cfg, _ = run_cohort(store, 0, {c: "shares" for c in clients[:6]})
+    cfg, _ = run_cohort(stack, store, 0, {c: "shares" for c in clients[:6]})
     res = participant(store, "s00").result(cfg.cohort_id)
     assert res is not None and res.status == "aborted" and "minimum" in res.reason
     assert list(store.list(layout.member_prefix(cfg.cohort_id, Kind.UNMASK))) == []
     assert find_head(store) == 0
-    cfg2, _ = run_cohort(store, 0, {})
+    cfg2, _ = run_cohort(stack, store, 0, {})
     check_applied(store, cfg2, clients, 0)
 
 
@@ -218,7 +273,7 @@ def test_hostile_objects_are_rejected_as_dropouts(
     # The victim itself vanishes after sharing (or cannot write its shares), so the forged object is all there is.
     drops = {} if attack == "forged-shares" else {victim: "shares"}
     with caplog.at_level("WARNING"):
-        cfg, _ = run_cohort(store, 0, drops, before_upload=inject)
+        cfg, _ = run_cohort(stack, store, 0, drops, before_upload=inject)
     survivors = [c for c in clients if c != victim]
     check_applied(store, cfg, survivors, 0)
     text = " ".join(
@@ -248,9 +303,10 @@ def test_user_level_dp_noise_survives_dropouts_and_is_accounted(
     }  # fmt: skip
     clients = sorted(SAMPLES)
     with LocalStack(
-        endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, sweep_interval_s=0.2
-    ):
-        cfg, _ = run_cohort(store, 0, {c: "shares" for c in clients[:2]})
+        endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, sweep_interval_s=0.2,
+        clock=ManualClock(),
+    ) as st:  # fmt: skip
+        cfg, _ = run_cohort(st, store, 0, {c: "shares" for c in clients[:2]})
     assert cfg.dp.expected_survivors == 9
     survivors = clients[2:]
     res = participant(store, "s00").result(cfg.cohort_id)

@@ -1,4 +1,7 @@
-"""Conditional writes, listing and error mapping against a real S3 API (moto server)."""
+"""The storage contract: conditional writes, listing and error mapping on real S3 APIs.
+
+Every test runs on moto's server and on SeaweedFS (``both_backends``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ import pytest
 
 from fedcore.errors import AlreadyExistsError, ConflictError, NotFoundError, NotModifiedError
 from fedcore.storage import S3Store
+from tests.helpers import both_backends
+
+pytestmark = both_backends
 
 
 def test_put_new_is_write_once(store: S3Store) -> None:

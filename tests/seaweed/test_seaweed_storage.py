@@ -1,7 +1,7 @@
-"""The storage contract on SeaweedFS: the moto suite's tests, run against this server.
+"""The one listing difference SeaweedFS showed from moto and AWS, and that the code copes.
 
-Plus the one listing difference found: SeaweedFS keeps an emptied "folder"
-listed as a common prefix, and the code that lists prefixes copes with it.
+SeaweedFS keeps an emptied "folder" listed as a common prefix. The storage
+contract itself runs on both servers in tests/integration/test_storage_s3.py.
 """
 
 from __future__ import annotations
@@ -12,27 +12,6 @@ from fedcore.server.coordinator import Coordinator
 from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
 from tests.integration.test_protocol import tiny_seed
-from tests.integration.test_storage_s3 import (
-    test_concurrent_cas_increments_lose_nothing,
-    test_concurrent_write_once_has_exactly_one_winner,
-    test_conditional_get_and_errors,
-    test_delete_many_and_ranged_reads,
-    test_listing_paginates_and_lists_prefixes,
-    test_put_if_match_is_compare_and_swap,
-    test_put_if_match_on_missing_key_is_conflict,
-    test_put_new_is_write_once,
-)
-
-__all__ = [
-    "test_concurrent_cas_increments_lose_nothing",
-    "test_concurrent_write_once_has_exactly_one_winner",
-    "test_conditional_get_and_errors",
-    "test_delete_many_and_ranged_reads",
-    "test_listing_paginates_and_lists_prefixes",
-    "test_put_if_match_is_compare_and_swap",
-    "test_put_if_match_on_missing_key_is_conflict",
-    "test_put_new_is_write_once",
-]
 
 
 def test_emptied_folder_stays_listed_and_cohort_discovery_looks_past_it(store: S3Store) -> None:
