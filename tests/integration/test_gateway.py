@@ -19,6 +19,7 @@ import urllib3
 
 from edge_client.gateway_store import GatewayDeniedError, GatewayStore
 from fedcore import access, layout
+from fedcore.clock import ManualClock
 from fedcore.errors import AlreadyExistsError, IntegrityError
 from fedcore.gateway import issue_token, used_key
 from fedcore.layout import Kind, Phase
@@ -60,9 +61,12 @@ def make_stack(s3_endpoint: str, store: S3Store, mode: str) -> LocalStack:
         "round_deadline_s": 20.0,
         "secagg_weight_cap": 100,
     }
+    # Every cohort here completes with all its members: on a ManualClock no deadline can
+    # close a round early on a slow machine (the gateway itself keeps the real clock).
     return LocalStack(
-        endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, sweep_interval_s=0.5
-    )
+        endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, sweep_interval_s=0.5,
+        clock=ManualClock(),
+    )  # fmt: skip
 
 
 @pytest.fixture
