@@ -79,13 +79,11 @@ def upload(store: S3Store, client: str, cfg, n: int = 10) -> None:  # type: igno
 
 
 @both_backends
-def test_cohort_applies_weighted_mean(
-    stack_factory, store: S3Store, backend: str, request: pytest.FixtureRequest
-) -> None:  # type: ignore[no-untyped-def]
+def test_cohort_applies_weighted_mean(stack_factory, store: S3Store, notifications) -> None:  # type: ignore[no-untyped-def]
     """GIVEN 3 devices with 10, 20, 30 samples WHEN all upload THEN v1 = v0 + weighted mean,
     every step triggered by an S3 event (the sweeper never runs); on SeaweedFS each of
     those events came from its webhook bridge, as the pump lists nothing there."""
-    seaweed = request.getfixturevalue("seaweed") if backend == "seaweed" else None
+    seaweed = notifications  # the SeaweedFS server on that backend, None on moto
     bridged = seaweed.bridge.stats.delivered if seaweed else 0
     st = stack_factory()
     cfgs = join_all(store, ["a", "b", "c"])
