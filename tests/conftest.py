@@ -22,7 +22,7 @@ import pytest
 from fedcore.storage import S3Store
 from infra.pump import PushSource
 from infra.seaweed import SeaweedFS
-from tests.helpers import BACKENDS
+from tests.helpers import BACKENDS, connect
 
 os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 
@@ -114,6 +114,6 @@ def notifications(backend: str, request: pytest.FixtureRequest) -> PushSource | 
 def store(s3_endpoint: str, backend: str) -> S3Store:
     """A fresh, empty bucket on the test's server."""
     prefix = "sw" if backend == "seaweed" else "test"
-    s = S3Store.connect(f"{prefix}-{os.getpid()}-{next(_buckets)}", s3_endpoint)
+    s = connect(f"{prefix}-{os.getpid()}-{next(_buckets)}", s3_endpoint)
     s.ensure_bucket()
     return s

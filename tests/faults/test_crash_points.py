@@ -31,7 +31,7 @@ from fedcore.secure_round import SecureRound
 from fedcore.storage import NotFoundError, S3Store
 from fedcore.versions import find_head, load_model, seed
 from tests.crashpoints import CrashingStore, Killed, Site, call_sites, imported_files
-from tests.helpers import TINY, assert_consistent, delta_for, participant
+from tests.helpers import TINY, assert_consistent, connect, delta_for, participant
 from tests.sync_functions import SyncFunctions
 
 # Everything the two functions run: their handlers and every project module those
@@ -195,7 +195,7 @@ def test_function_recovers_from_a_crash_at_every_call_site(
     call site in the functions' code was crashed at (a new call site needs a scenario)."""
     crashed: set[Site] = set()
     for mode in ("plaintext", "secagg"):
-        store = S3Store.connect(f"crash-{when}-{mode}-{time.time_ns()}", s3_endpoint)
+        store = connect(f"crash-{when}-{mode}-{time.time_ns()}", s3_endpoint)
         store.ensure_bucket()
         seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
         h = crash_harness(store, {**SETTINGS, "mode": mode}, monkeypatch)

@@ -35,7 +35,7 @@ from fedcore.participant import Participant, Ticket
 from fedcore.secure_round import SecureRound
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, load_model, seed
-from tests.helpers import TINY, assert_consistent, delta_for, participant
+from tests.helpers import TINY, assert_consistent, connect, delta_for, participant
 from tests.sync_functions import SyncFunctions
 
 ROUND_S = 30.0
@@ -283,7 +283,7 @@ def test_random_schedules_keep_every_invariant(
     drops: list[str],
     schedule_seed: int,
 ) -> None:
-    store = S3Store.connect(f"sched-{time.time_ns()}-{next(bucket_names)}", s3_endpoint)
+    store = connect(f"sched-{time.time_ns()}-{next(bucket_names)}", s3_endpoint)
     store.ensure_bucket()
     seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
     h = SyncFunctions(
