@@ -13,14 +13,13 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from fedcore.storage import S3Store
 from infra.pump import PushSource
+from infra.s3server import moto_process
 from infra.seaweed import SeaweedFS
 from tests.helpers import BACKENDS, connect
 
@@ -31,49 +30,15 @@ log = logging.getLogger(__name__)
 _buckets = itertools.count(1)
 
 
-# The embedded server in a child process that lives until its stdin closes (so also
-# when pytest dies). In this process moto's server would share the GIL with every
-# device, pump and handler thread of a test: that contention made the moto runs of a
-# scenario over twice as slow as the same runs against SeaweedFS's own process.
-_MOTO_CHILD = (
-    "import sys\n"
-    "from infra.s3server import EmbeddedS3\n"
-    "server = EmbeddedS3().start()\n"
-    "print(server.endpoint_url, flush=True)\n"
-    "sys.stdin.read()\n"
-    "server.stop()\n"
-)
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    """moto's standalone server, one for the session, in its own process."""
-    # What EmbeddedS3.start sets in its process: moto checks no signature, but boto3
-    # here refuses to send unsigned requests.
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    child = subprocess.Popen(
-        [sys.executable, "-c", _MOTO_CHILD],
-        cwd=root,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdin is not None and child.stdout is not None
-    try:
-        endpoint = child.stdout.readline().strip()
-        if not endpoint.startswith("http://"):
-            raise RuntimeError(f"moto server did not start (exit {child.poll()}): {endpoint!r}")
+    """moto's standalone server, one for the session, in a process of its own.
+
+    In this one it would share the GIL with every device, pump and handler thread
+    of a test, which all wait on it.
+    """
+    with moto_process() as endpoint:
         yield endpoint
-    finally:
-        child.stdin.close()
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 @pytest.fixture(scope="session")
