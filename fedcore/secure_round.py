@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from fedcore import device
 from fedcore.device import (
     DROP_POINTS,
     NO_DROP,
@@ -18,16 +19,28 @@ from fedcore.device import (
     DropPoint,
     Outcome,
     Polling,
-    SecureRound,
     Update,
     flatten_weighted,
+    manifest_fault,
     not_admitted,
     run_cohort,
 )
-from fedcore.messages import CohortConfig
+from fedcore.errors import IntegrityError
+from fedcore.layout import Phase
+from fedcore.messages import CohortConfig, Manifest
 from fedcore.participant import Participant
 
 __all__ = ["DROP_POINTS", "SecureRound", "flatten_weighted", "not_admitted", "run_secure_cohort"]
+
+
+class SecureRound(device.SecureRound):
+    """``fedcore.device.SecureRound`` plus the manifest check ``edge_client.simulate``'s
+    Worker still calls; delete both once the simulator drives ``fedcore.device``."""
+
+    def _checked_manifest(self, m: Manifest, phase: Phase, key: str) -> Manifest:
+        if (fault := manifest_fault(m, self.cfg, phase)) is not None:
+            raise IntegrityError(fault)
+        return m
 
 
 def run_secure_cohort(
