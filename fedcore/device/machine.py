@@ -471,8 +471,10 @@ def step(state: DeviceState, obs: Observation) -> tuple[DeviceState, list[Action
     """
     if isinstance(obs, Pending):
         return state, _with_request(state, [])
-    handler = _HANDLERS.get((state.stage, type(obs))) or _COHORT_HANDLERS.get(type(obs))
-    if handler is None or (state.stage in _OUTSIDE_COHORT and type(obs) in _COHORT_HANDLERS):
+    handler = _HANDLERS.get((state.stage, type(obs)))
+    if handler is None and state.stage not in _OUTSIDE_COHORT:
+        handler = _COHORT_HANDLERS.get(type(obs))
+    if handler is None:
         raise UnexpectedObservation(f"{type(obs).__name__} does not answer {state.stage}")
     if isinstance(obs, Vanished) and obs.point is not _vanish_point(state):
         raise UnexpectedObservation(f"cannot vanish at {obs.point} in {state.stage}")

@@ -18,18 +18,10 @@ from hypothesis import strategies as st
 
 from fedcore.device import machine as m
 from fedcore.device.faults import DropAt, RandomDrop
-from fedcore.device.machine import (
-    DeviceState,
-    DropPoint,
-    FaultKind,
-    Mode,
-    Outcome,
-    Settings,
-    Stage,
-)
+from fedcore.device.machine import DeviceState, DropPoint, FaultKind, Outcome, Settings, Stage
 from fedcore.device.runner import Polling, Runner, SyntheticDevice, Update
 from fedcore.layout import Phase
-from fedcore.messages import CohortConfig, Manifest
+from fedcore.messages import CohortConfig, Manifest, Mode
 from fedcore.participant import Ticket
 from fedcore.secagg.protocol import SecAggParams
 
@@ -426,7 +418,7 @@ def _answers(state: DeviceState) -> st.SearchStrategy[m.Observation]:
     return st.one_of(options)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(), mode=st.sampled_from(list(Mode)), max_rounds=st.integers(0, 3),
     until=st.sampled_from([0, 5]),
