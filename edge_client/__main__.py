@@ -216,12 +216,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from edge_client.data import load_mnist, partition
-    from edge_client.device import Device, LoopSettings, say
+    from edge_client.device import Device, LoopSettings, log_to_terminal, say
     from edge_client.identity import default_state_dir, load_or_create_signing_key
     from edge_client.train import TrainSettings
     from fedcore.participant import Participant
     from fedcore.storage import ObjectStore, S3Store
 
+    log_to_terminal()  # the device's lines: [HH:MM:SS] client-id: text, on stderr
     torch.set_num_threads(args.threads)
     mnist = load_mnist(
         cache_dir=args.data_dir, idx_dir=args.idx_dir, progress=lambda m: say(args.client_id, m)

@@ -1,5 +1,8 @@
 """The device loop: poll, check in, wait for a cohort, train, upload, repeat.
 
+The protocol itself is ``fedcore.device``'s machine; this module adds what needs
+torch (training, DP-SGD) and the device's privacy ledger, and drives the machine.
+
 Every step is a read or a write-once put of this device's own objects, so
 Ctrl-C or a crash at any point leaves nothing half-written: on restart the
 device simply checks in again (an unused check-in expires; an unfinished
@@ -8,14 +11,16 @@ cohort counts it as a dropout).
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -29,11 +34,24 @@ from edge_client.privacy import (
     train_local_dp,
 )
 from edge_client.train import TrainSettings, train_local
-from fedcore.errors import IntegrityError, NotFoundError, StorageError, UnusableUpdateError
+from fedcore.device import (
+    LINES,
+    DropPoint,
+    Polling,
+    RandomDrop,
+    Runner,
+    SecureRound,
+    Settings,
+    Update,
+    drive,
+    machine,
+)
+from fedcore.errors import UnusableUpdateError
 from fedcore.messages import CohortConfig, Mode
 from fedcore.modelspec import num_parameters
 from fedcore.participant import Participant
-from fedcore.secure_round import SecureRound, run_secure_cohort
+
+lines = logging.getLogger(LINES)
 
 
 @dataclass(frozen=True)
@@ -66,10 +84,31 @@ class DevicePrivacy:
 
 
 def say(client_id: str, msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {client_id}: {msg}", file=sys.stderr, flush=True)
+    """One of the device's lines (``log_to_terminal`` shows them as before: time, id, text)."""
+    lines.info(msg, extra={"client_id": client_id})
+
+
+def log_to_terminal(stream: TextIO | None = None) -> None:
+    """Show the device's lines on stderr as ``[HH:MM:SS] client-id: text`` (the CLI's view)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(
+            "[%(asctime)s] %(client_id)s: %(message)s", "%H:%M:%S", defaults={"client_id": "-"}
+        )
+    )
+    logger = logging.getLogger(LINES)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 class Device:
+    """One device: ``fedcore.device``'s machine, driven in a blocking loop, with torch training.
+
+    The loop only performs the machine's actions (``fedcore.device.drive``): it
+    polls and sleeps with jitter, and answers the machine's questions to the
+    device itself (``LocalDevice``: train, sample- and user-level DP terms).
+    """
+
     def __init__(
         self,
         participant: Participant,
@@ -92,7 +131,6 @@ class Device:
         self.log = log or (lambda m: say(participant.client_id, m))
         self.stop = stop or threading.Event()
         self.rounds = 0
-        self._last_base = -1
         self._loss = float("nan")
 
     def _sleep(self, delay: float) -> None:
@@ -100,106 +138,46 @@ class Device:
             delay * random.uniform(0.5, 1.5)
         )  # jitter: devices must not poll in lockstep
 
-    def _wait_for_version(self) -> int | None:
-        """Poll the pointer (conditional GET) until there is something new to train on."""
-        delay = self.loop.poll_s
-        waited_msg = False
-        while not self.stop.is_set():
-            try:
-                pointer, changed = self.p.poll_latest()
-            except NotFoundError:
-                self.log("no global model yet (bucket not seeded); waiting")
-                self._sleep(delay)
-                delay = min(delay * 2, self.loop.max_poll_s)
-                continue
-            except (StorageError, IntegrityError) as exc:
-                # A malformed pointer is someone else's fault; the next write may fix it.
-                self.log(f"cannot read the pointer ({exc}); backing off")
-                self._sleep(delay)
-                delay = min(delay * 2, self.loop.max_poll_s)
-                continue
-            if self.loop.until_version and pointer.version >= self.loop.until_version:
-                self.log(f"global model reached version {pointer.version}; done")
-                return None
-            if not self.loop.wait_for_new_version or pointer.version > self._last_base:
-                return pointer.version
-            if not waited_msg:
-                self.log(f"waiting for a version newer than {self._last_base}")
-                waited_msg = True
-            delay = self.loop.poll_s if changed else min(delay * 1.5, self.loop.max_poll_s)
-            self._sleep(delay)
-        return None
+    def settings(self) -> Settings:
+        """This device's terms for the protocol machine."""
+        return Settings(
+            self.p.client_id, Mode(self.p.mode), until_version=self.loop.until_version,
+            max_rounds=self.loop.max_rounds, wait_for_new_version=self.loop.wait_for_new_version,
+            cohort_timeout_s=self.loop.cohort_timeout_s,
+        )  # fmt: skip
 
-    def run_once(self) -> bool:
-        """One participation; False when the loop should end."""
-        latest = self._wait_for_version()
-        if latest is None:
-            return False
-        if not self._sample_budget_allows():
-            return False
-        ticket = self.p.check_in(latest)
-        self.log(f"checked in at version {latest}; waiting for a cohort")
-        cfg = None
-        deadline = time.monotonic() + self.loop.cohort_timeout_s
-        while cfg is None and not self.stop.is_set() and time.monotonic() < deadline:
-            cfg = self.p.wait_for_cohort(
-                ticket,
-                timeout_s=self.loop.poll_s * 5,
-                poll_s=self.loop.poll_s / 2,
-                should_stop=self.stop.is_set,
-            )
-            if cfg is None and not self.p.checkin_pending(ticket):
-                cfg, ticket = self.p.find_cohort(ticket)
-                if cfg is None:
-                    self.log("check-in expired without a cohort; checking in again")
-                    return True
-        if cfg is None:
-            return not self.stop.is_set()
-        self.log(
-            f"joined {cfg.cohort_id} ({len(cfg.members)} members, base version {cfg.base_version}, {cfg.mode.value})"
-        )
-        if cfg.mode != self.p.mode:
-            self.log(
-                f"refusing {cfg.cohort_id}: it runs {cfg.mode.value!r} but this device runs {self.p.mode!r}"
-            )
-            self._last_base = cfg.base_version
-            return True
-        if (refusal := self._user_dp_refusal(cfg)) is not None:
-            self.log(refusal)
-            return False
-        if cfg.mode is Mode.SECAGG:
-            drop = self.loop.drop_at if random.random() < self.loop.drop_prob else None
-            outcome = run_secure_cohort(
-                self.p, cfg, lambda: self._train(cfg), drop_at=drop, poll_s=self.loop.poll_s / 2,
-                should_stop=self.stop.is_set, say=self.log, on_uploaded=self._book_release,
-            )  # fmt: skip
-            self.log(f"{cfg.cohort_id}: {outcome}")
-        else:
-            try:
-                delta, n = self._train(cfg)
-            except (UnusableUpdateError, IntegrityError) as exc:  # diverged, or a corrupt base
-                self.log(f"{cfg.cohort_id}: {exc}")
-                self._last_base = cfg.base_version
-                return True
-            self.p.upload_plain(cfg, delta, num_samples=n, loss=self._loss)
-            self.log(f"uploaded update to {cfg.cohort_id} (plaintext)")
-        self._last_base = cfg.base_version
-        self.rounds += 1
-        return not (self.loop.max_rounds and self.rounds >= self.loop.max_rounds)
+    def runner(self) -> Runner:
+        """Performs the machine's actions for this device (blocking, jittered, stoppable)."""
+        poll = self.loop.poll_s
+        return Runner(
+            self.p, self, drop=RandomDrop(DropPoint(self.loop.drop_at), self.loop.drop_prob),
+            polling=Polling(
+                pointer_s=poll, max_pointer_s=self.loop.max_poll_s, cohort_s=poll / 2,
+                checkin_check_s=poll * 5, phase_s=poll / 2,
+            ),
+            sleep=self._sleep, should_stop=self.stop.is_set,
+        )  # fmt: skip
+
+    def run(self) -> int:
+        """Participate until the machine is done (or ``stop`` is set); the participations."""
+        torch.manual_seed(self.train.seed)
+        state, actions = machine.start(self.settings())
+        self.rounds = drive(self.runner(), state, actions).rounds
+        return self.rounds
 
     # -- privacy ------------------------------------------------------------------
-    def _sample_budget_allows(self) -> bool:
+    def sample_budget_refusal(self) -> str | None:
+        """Why the sample-level budget refuses one more participation; plans its noise if not."""
         if self.privacy is None or self.privacy.sample is None or self.budget is None:
-            return True
+            return None
         q, steps = steps_per_participation(len(self.x), self.train)
         try:
             self._dp_plan = (self.budget.plan_sample(self.privacy.sample, q, steps), q)
         except BudgetExhausted as exc:
-            self.log(f"refusing to train: {exc}")
-            return False
-        return True
+            return f"refusing to train: {exc}"
+        return None
 
-    def _user_dp_refusal(self, cfg: CohortConfig) -> str | None:
+    def user_dp_refusal(self, cfg: CohortConfig) -> str | None:
         """Why this device will not join ``cfg`` under its user-level DP terms, if it will not."""
         want = self.privacy.user if self.privacy else None
         if want is None or self.budget is None:
@@ -221,15 +199,16 @@ class Device:
             return f"refusing {cfg.cohort_id}: {exc}"
         return None
 
-    def _book_release(self, rnd: SecureRound) -> None:
+    def book_release(self, rdp: Sequence[float]) -> None:
         """The masked, noised update is out: its release's worst case is spent."""
-        if self.privacy is None or self.budget is None or rnd.privacy_rdp is None:
+        if self.privacy is None or self.budget is None:
             return
-        self.budget.user_ledger = self.budget.user_ledger.plus(rnd.privacy_rdp)
+        self.budget.user_ledger = self.budget.user_ledger.plus(list(rdp))
         self.budget.save(self.privacy.state_dir)
         self.log(f"user-level epsilon spent: {self.budget.user_epsilon():.3f}")
 
-    def _train(self, cfg: CohortConfig) -> tuple[dict[str, np.ndarray], int]:
+    def train_update(self, cfg: CohortConfig) -> Update:
+        """Train from ``cfg``'s base version (UnusableUpdateError if it diverged)."""
         base = self.p.fetch_model(cfg.base_version)
         model = build(base)
         t0 = time.monotonic()
@@ -249,7 +228,6 @@ class Device:
             )
         else:
             result = train_local(model, self.x, self.y, self.train, progress=self.log)
-        self._loss = result.loss
         self.log(
             f"trained {result.num_samples} samples in {time.monotonic() - t0:.1f}s, loss {result.loss:.4f}"
         )
@@ -259,10 +237,17 @@ class Device:
                 f"training from version {cfg.base_version} diverged (loss {result.loss:.4g}); "
                 "sitting this cohort out"
             )
-        return delta, result.num_samples
+        return Update(delta, result.num_samples, result.loss)
 
-    def run(self) -> int:
-        torch.manual_seed(self.train.seed)
-        while not self.stop.is_set() and self.run_once():
-            pass
-        return self.rounds
+    # -- edge_client.simulate's Worker still calls these; they go once it drives fedcore.device.
+    def _user_dp_refusal(self, cfg: CohortConfig) -> str | None:
+        return self.user_dp_refusal(cfg)
+
+    def _book_release(self, rnd: SecureRound) -> None:
+        if rnd.privacy_rdp is not None:
+            self.book_release(rnd.privacy_rdp)
+
+    def _train(self, cfg: CohortConfig) -> tuple[dict[str, np.ndarray], int]:
+        update = self.train_update(cfg)
+        self._loss = update.loss
+        return dict(update.delta), update.num_samples

@@ -3,7 +3,7 @@
 Devices hold no AWS credentials. They ask the gateway (``fedcore.gateway``)
 for presigned URLs, and the gateway signs one only if ``decide`` allows it.
 The rules follow the bucket layout (``fedcore.layout``) and what the device
-code actually does (``participant.py``, ``secure_round.py``, ``status.py``,
+code actually does (``participant.py``, ``device/secure.py``, ``status.py``,
 ``versions.py``), and deny everything else:
 
 - create (write-once, ``put_new``): the device's own check-ins, and its own

@@ -24,11 +24,13 @@ from fedcore.messages import (
     MODES,
     CheckIn,
     CohortConfig,
+    Manifest,
     Mode,
     Pointer,
     Result,
     dumps,
     parse_config,
+    parse_manifest,
     parse_pointer,
     parse_result,
 )
@@ -199,6 +201,18 @@ class Participant:
             },
         )
         return key
+
+    def manifest(self, cohort_id: str, phase: Phase) -> Manifest | None:
+        """The phase's write-once manifest, None while the phase is open.
+
+        Parsed, not yet checked: whether it names this cohort, this phase and only
+        members is ``fedcore.device.machine.manifest_fault``'s call.
+        """
+        key = layout.state_key(cohort_id, phase)
+        try:
+            return parse_manifest(self.store.get(key).body, where=key)
+        except NotFoundError:
+            return None
 
     def result(self, cohort_id: str) -> Result | None:
         key = layout.state_key(cohort_id, Phase.RESULT)

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 
 from fedcore import layout, versions
+from fedcore.device import SecureRound, manifest_fault, not_admitted
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig, Manifest
 from fedcore.participant import Participant
-from fedcore.secure_round import SecureRound
 from fedcore.storage import NotFoundError, S3Store
 from fedcore.versions import find_head, load_model, seed
 from tests.crashpoints import CrashingStore, Killed, Site, call_sites, imported_files
@@ -211,7 +211,7 @@ def test_function_recovers_from_a_crash_at_every_call_site(
 
 # -- the device --------------------------------------------------------------------
 
-DEVICE_FILES = ["fedcore/participant.py", "fedcore/secure_round.py"]
+DEVICE_FILES = ["fedcore/participant.py", "fedcore/device/secure.py"]
 
 
 class Device:
@@ -287,9 +287,9 @@ def device_cohort(h: SyncFunctions, devices: list[Device]) -> CohortConfig | Non
             h.sweep(advance_s=ROUND_S + 1)
         seen = {}
         for d in live():
-            m = d.step(lambda d=d: d.round.wait(phase, timeout_s=5.0, poll_s=0.0))
-            if m is None or d.client not in m.members or len(m.members) < cfg.min_members:
-                d.round = None  # abandon, as run_secure_cohort does
+            m = d.step(lambda d=d: d.p.manifest(cfg.cohort_id, phase))
+            if m is None or manifest_fault(m, cfg, phase) or not_admitted(m, cfg, d.client):
+                d.round = None  # abandon, as the device machine does
             else:
                 seen[d.client] = m
         return seen

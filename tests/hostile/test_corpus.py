@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from fedcore import layout
+from fedcore.device import LINES
 from fedcore.errors import IntegrityError
 from fedcore.events import build_event, build_record
 from fedcore.layout import Kind, Phase
@@ -302,15 +303,15 @@ def devices(store: S3Store) -> dict[str, Participant]:
     return out
 
 
-def _abandons(d1: Participant, cfg, train=None) -> str:  # type: ignore[no-untyped-def]
-    said: list[str] = []
+def _abandons(d1: Participant, cfg, caplog, train=None) -> str:  # type: ignore[no-untyped-def]
+    """The device's lines while it plays ``cfg``, which it must abandon."""
 
     def no_training():  # type: ignore[no-untyped-def]
         raise AssertionError("the device trained in a cohort it should have left")
 
-    outcome = run_secure_cohort(
-        d1, cfg, train or no_training, poll_s=0.01, slack_s=0.5, say=said.append
-    )
+    caplog.clear()
+    outcome = run_secure_cohort(d1, cfg, train or no_training, poll_s=0.01, slack_s=0.5)
+    said = [r.getMessage() for r in caplog.records if r.name == LINES]
     assert outcome == "abandoned", said
     return " ".join(said)
 
@@ -335,17 +336,17 @@ def test_device_rejects_hostile_reads_and_leaves_cleanly(
             store.delete(ticket.key)
         elif reader == "run_secure_cohort" and e["key"].endswith("config.json"):
             cfg = parse_config(body(e), where=e["key"])
-            assert e["expect"] in _abandons(d1, cfg), e["file"]
+            assert e["expect"] in _abandons(d1, cfg, caplog), e["file"]
         elif reader == "run_secure_cohort" and "/state/" in e["key"]:
             store.put_new(e["key"], body(e))
-            assert e["expect"] in _abandons(d1, mc.device_config(cid)), e["file"]
+            assert e["expect"] in _abandons(d1, mc.device_config(cid), caplog), e["file"]
         elif reader == "run_secure_cohort":  # a corrupt base model, read when training starts
             cfg = mc.device_config(cid, base_version=e["extra"]["base_version"])
             store.put_new(e["key"], body(e))
             for d in ("d2", "d3"):
                 SecureRound(devices[d], cfg).advertise()
             store.put_new(layout.state_key(cid, Phase.KEYS), mc.manifest_doc(cid, "keys", mc.DEVICES))  # fmt: skip
-            text = _abandons(d1, cfg, lambda v=cfg.base_version: (d1.fetch_model(v), 10))
+            text = _abandons(d1, cfg, caplog, lambda v=cfg.base_version: (d1.fetch_model(v), 10))
             assert e["expect"] in text, (e["file"], text)
         elif reader == "unmask":
             _neighbour_share(store, devices, e)

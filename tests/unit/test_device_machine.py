@@ -1,0 +1,559 @@
+"""The device protocol machine, driven with scripted observations (no storage, no torch).
+
+Every stage and every way out of a cohort is walked here; a hypothesis test feeds
+arbitrary (well-typed) answers and checks the safety rules hold whatever happens:
+no masked upload before a checked U2 that counts the device, no reveal before a
+checked U3 that counts it, one ``Leave`` per cohort joined, nothing after DONE.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedcore.device import machine as m
+from fedcore.device.faults import DropAt, RandomDrop
+from fedcore.device.machine import DeviceState, DropPoint, FaultKind, Outcome, Settings, Stage
+from fedcore.device.runner import Polling, Runner, SyntheticDevice, Update
+from fedcore.layout import Phase
+from fedcore.messages import CohortConfig, Manifest, Mode
+from fedcore.participant import Ticket
+from fedcore.secagg.protocol import SecAggParams
+
+ME = "me"
+MEMBERS = (ME, "b", "c", "d")
+TICKET = Ticket("n1", "checkins/me/n1.json", None, 1.0)
+
+
+def config(mode: Mode = Mode.SECAGG, cid: str = "c00000007", **over: Any) -> CohortConfig:
+    members = over.pop("members", MEMBERS)
+    return CohortConfig(
+        cohort_id=cid, base_version=over.pop("base_version", 3),
+        members={c: "n1" for c in members}, mode=mode, min_members=over.pop("min_members", 3),
+        created_at=1.7e9, phase_s={"keys": 10.0, "shares": 10.0, "inputs": 10.0, "unmask": 10.0},
+        secagg=SecAggParams(k=3, t=3, graph_seed="00", clip=1.0, bits=30, weight_cap=100)
+        if mode is Mode.SECAGG else None, **over,
+    )  # fmt: skip
+
+
+def manifest(phase: Phase, members: tuple[str, ...] = MEMBERS, cid: str = "c00000007") -> Manifest:
+    return Manifest(cid, phase.value, list(members), {}, "all-members", 1.7e9)
+
+
+def settings_(**over: Any) -> Settings:
+    return Settings(ME, over.pop("mode", Mode.SECAGG), **over)
+
+
+def feed(state: DeviceState, *observations: m.Observation) -> tuple[DeviceState, list[m.Action]]:
+    """Step through ``observations``; every action produced, in order."""
+    seen: list[m.Action] = []
+    for obs in observations:
+        state, actions = m.step(state, obs)
+        seen += actions
+    return state, seen
+
+
+def said(actions: list[m.Action]) -> list[str]:
+    return [a.text for a in actions if isinstance(a, m.Say)]
+
+
+def left(actions: list[m.Action]) -> list[m.Leave]:
+    return [a for a in actions if isinstance(a, m.Leave)]
+
+
+def joined(cfg: CohortConfig | None = None, **over: Any) -> DeviceState:
+    """A device that just found ``cfg`` and passed its user-level DP check."""
+    state, _ = m.join(settings_(**over), cfg or config())
+    state, _ = m.step(state, m.Allowed())
+    return state
+
+
+def at(stage: Stage, cfg: CohortConfig | None = None, **over: Any) -> DeviceState:
+    """A secure device that reached ``stage`` by the happy path."""
+    script: list[m.Observation] = [
+        m.Written(), m.ManifestRead(manifest(Phase.KEYS)), m.Written(), m.Trained(10),
+        m.ManifestRead(manifest(Phase.SHARES)), m.Uploaded(), m.ManifestRead(manifest(Phase.INPUTS)),
+    ]  # fmt: skip
+    state = joined(cfg, **over)
+    for obs in script:
+        if state.stage is stage:
+            return state
+        state, _ = m.step(state, obs)
+    assert state.stage is stage
+    return state
+
+
+# --------------------------------------------------------------------------- happy paths
+def test_secure_cohort_walks_every_stage_in_order() -> None:
+    """GIVEN a secure device from its first poll WHEN every request is answered as hoped
+    THEN it passes each stage once, asks for each round in order, logs the same lines as
+    before, leaves as completed, counts the round and waits for a newer version."""
+    state, actions = m.start(settings_())
+    assert state.stage is Stage.IDLE and actions == [m.AwaitVersion(newer_than=-1, stop_at=0)]
+    cfg = config()
+    u1, u2, u3 = (manifest(p) for p in (Phase.KEYS, Phase.SHARES, Phase.INPUTS))
+    script: list[tuple[m.Observation, Stage, type]] = [
+        (m.VersionSeen(3), Stage.BUDGET, m.CheckSampleBudget),
+        (m.Allowed(), Stage.CHECK_IN, m.CheckIn),
+        (m.CheckedIn(TICKET), Stage.CHECKED_IN, m.AwaitCohort),
+        (m.CohortFound(cfg), Stage.ADMISSION, m.CheckUserPrivacy),
+        (m.Allowed(), Stage.ADVERTISE, m.Advertise),
+        (m.Written(), Stage.KEYS, m.AwaitPhase),
+        (m.ManifestRead(u1), Stage.SHARE, m.Share),
+        (m.Written(), Stage.TRAIN, m.Train),
+        (m.Trained(42), Stage.SHARES, m.AwaitPhase),
+        (m.ManifestRead(u2), Stage.UPLOAD, m.UploadMasked),
+        (m.Uploaded(clipped=2), Stage.INPUTS, m.AwaitPhase),
+        (m.ManifestRead(u3), Stage.UNMASK, m.Unmask),
+        (m.Written(), Stage.IDLE, m.AwaitVersion),
+    ]
+    lines: list[str] = []
+    for obs, stage, request in script:
+        state, actions = m.step(state, obs)
+        assert state.stage is stage, obs
+        assert isinstance(actions[-1], request) and actions[-1] == m.request_for(state)
+        lines += said(actions)
+        if isinstance(obs, m.Uploaded):
+            assert actions[-1] == m.AwaitPhase(cfg, Phase.INPUTS, 70.0, DropPoint.INPUTS)
+        if isinstance(obs, m.ManifestRead) and obs.manifest is u3:
+            assert actions[-1] == m.Unmask(u2, u3)
+    assert lines == [
+        "checked in at version 3; waiting for a cohort",
+        "joined c00000007 (4 members, base version 3, secagg)",
+        "c00000007: masked update uploaded (42 samples, 2 values clipped)",
+        "c00000007: unmask shares revealed for 4 survivors",
+        "c00000007: completed",
+    ]
+    assert left(actions) == [m.Leave("c00000007", 3, Outcome.COMPLETED)]
+    assert (state.rounds, state.last_base, state.outcome) == (1, 3, Outcome.COMPLETED)
+    assert actions[-1] == m.AwaitVersion(newer_than=3, stop_at=0)
+    assert state.cfg is None and state.u2 is None  # nothing of the cohort is kept
+
+
+def test_plaintext_cohort_trains_and_uploads_in_the_clear() -> None:
+    """GIVEN a plaintext device in a plaintext cohort THEN it skips the key and share
+    rounds: train, upload, completed (counted, no outcome line, as before)."""
+    cfg = config(Mode.PLAINTEXT)
+    state = joined(cfg, mode=Mode.PLAINTEXT)
+    assert state.stage is Stage.TRAIN and m.request_for(state) == m.Train(cfg, None)
+    state, actions = feed(state, m.Trained(5), m.Written())
+    assert said(actions) == ["uploaded update to c00000007 (plaintext)"]
+    assert left(actions) == [m.Leave("c00000007", 3, Outcome.COMPLETED)]
+    assert state.rounds == 1 and state.stage is Stage.IDLE
+
+
+def test_user_dp_upload_books_the_release_before_its_line() -> None:
+    """GIVEN an upload that reports user-level DP THEN the release is booked first and the
+    line names the delta's norm before the clip."""
+    _, actions = m.step(at(Stage.UPLOAD), m.Uploaded(0, 1.23456, (0.5, 0.25)))
+    assert actions[0] == m.BookRelease((0.5, 0.25))
+    assert said(actions) == [
+        "c00000007: masked update uploaded (10 samples, 0 values clipped, "
+        "delta L2 norm 1.235 before the DP clip)"
+    ]
+
+
+def test_pending_changes_nothing_and_repeats_the_request() -> None:
+    """GIVEN any waiting stage WHEN the driver had only a look (Pending) THEN the state is
+    the same and the same request is outstanding."""
+    for stage in (Stage.KEYS, Stage.SHARES, Stage.INPUTS):
+        state = at(stage)
+        assert m.step(state, m.Pending(0.5)) == (state, [m.request_for(state)])
+
+
+# --------------------------------------------------------------------------- outside a cohort
+def test_until_version_stops_the_device() -> None:
+    """GIVEN until_version 5 WHEN version 5 is seen THEN the device says so and is DONE."""
+    state, actions = m.start(settings_(until_version=5))
+    assert actions == [m.AwaitVersion(newer_than=-1, stop_at=5)]
+    state, actions = m.step(state, m.VersionSeen(5))
+    assert state.stage is Stage.DONE and actions == [m.Say("global model reached version 5; done")]
+    with pytest.raises(m.UnexpectedObservation):
+        m.step(state, m.VersionSeen(6))
+
+
+def test_stop_while_idle_or_checked_in_ends_quietly() -> None:
+    state, _ = m.start(settings_())
+    assert m.step(state, m.Stopped()) == (replace(state, stage=Stage.DONE), [])
+    state, _ = feed(state, m.VersionSeen(0), m.Allowed(), m.CheckedIn(TICKET))
+    new, actions = m.step(state, m.Stopped())
+    assert new.stage is Stage.DONE and actions == []
+
+
+def test_sample_budget_refusal_stops_the_device() -> None:
+    state, _ = m.start(settings_())
+    state, actions = feed(state, m.VersionSeen(0), m.BudgetRefused("refusing to train: spent"))
+    assert state.stage is Stage.DONE and said(actions) == ["refusing to train: spent"]
+
+
+def test_expired_check_in_checks_in_again_and_a_cohort_timeout_quietly_too() -> None:
+    """GIVEN a pending check-in WHEN it expires THEN the device says so and waits for a
+    version again (it checks in afresh); WHEN no cohort came in time THEN the same, quietly."""
+    state, _ = m.start(settings_())
+    state, _ = feed(state, m.VersionSeen(0), m.Allowed(), m.CheckedIn(TICKET))
+    assert m.request_for(state) == m.AwaitCohort(TICKET, 600.0)
+    new, actions = m.step(state, m.CheckInExpired())
+    assert new.stage is Stage.IDLE and new.ticket is None
+    assert said(actions) == ["check-in expired without a cohort; checking in again"]
+    new, actions = m.step(state, m.TimedOut())
+    assert new.stage is Stage.IDLE and actions == [m.AwaitVersion(-1, 0)]
+
+
+def test_wait_for_new_version_off_accepts_the_same_base() -> None:
+    state = replace(DeviceState(settings_(wait_for_new_version=False)), last_base=4)
+    assert m.request_for(state) == m.AwaitVersion(newer_than=-1, stop_at=0)
+    assert m.request_for(replace(state, settings=settings_())) == m.AwaitVersion(4, 0)
+
+
+# --------------------------------------------------------------------------- refusals
+def test_mode_mismatch_is_refused_uncounted() -> None:
+    """GIVEN a secure device found by a plaintext cohort THEN it refuses it with the old
+    line, is not counted, and will not train from that base again."""
+    state, actions = m.join(settings_(), config(Mode.PLAINTEXT))
+    assert said(actions)[1] == (
+        "refusing c00000007: it runs 'plaintext' but this device runs 'secagg'"
+    )
+    assert left(actions)[0].outcome is Outcome.REFUSED
+    assert (state.stage, state.rounds, state.last_base) == (Stage.IDLE, 0, 3)
+
+
+def test_user_dp_refusal_leaves_refused_and_stops() -> None:
+    state, _ = m.join(settings_(), config())
+    state, actions = m.step(state, m.BudgetRefused("refusing c00000007: no user-level DP"))
+    assert said(actions) == ["refusing c00000007: no user-level DP"]
+    assert left(actions)[0].outcome is Outcome.REFUSED
+    assert state.stage is Stage.DONE and state.rounds == 0
+
+
+def test_a_config_that_does_not_name_me_is_abandoned() -> None:
+    state, _ = m.join(settings_(), config(members=("b", "c", "d")))
+    state, actions = m.step(state, m.Allowed())
+    assert said(actions) == [
+        "c00000007: abandoning the cohort: cohorts/c00000007/config.json: me is not a member",
+        "c00000007: abandoned",
+    ]
+    assert actions[0].level == logging.WARNING  # type: ignore[union-attr]
+    assert state.rounds == 1 and left(actions)[0].outcome is Outcome.ABANDONED
+
+
+# --------------------------------------------------------------------------- abort paths
+WAITS = [(Stage.KEYS, Phase.KEYS), (Stage.SHARES, Phase.SHARES), (Stage.INPUTS, Phase.INPUTS)]
+
+
+@pytest.mark.parametrize(("stage", "phase"), WAITS)
+@pytest.mark.parametrize("why", [m.CohortEnded(), m.TimedOut(), m.Stopped()])
+def test_a_phase_that_never_closes_abandons(stage: Stage, phase: Phase, why: Any) -> None:
+    """GIVEN a member waiting for a phase WHEN the cohort ends, time runs out or the device
+    is stopped THEN it says the cohort ended before the phase closed, and abandons."""
+    state, actions = m.step(at(stage), why)
+    assert said(actions) == [
+        f"c00000007: ended before {phase.value} closed",
+        "c00000007: abandoned",
+    ]
+    assert left(actions)[0].outcome is Outcome.ABANDONED and state.stage is Stage.IDLE
+
+
+@pytest.mark.parametrize(("stage", "phase"), WAITS)
+def test_a_manifest_that_lies_is_abandoned(stage: Stage, phase: Phase) -> None:
+    """GIVEN a manifest of another cohort, of another phase, or naming a stranger THEN the
+    member abandons with the reason (and never acts on it)."""
+    other = Phase.UNMASK
+    cases = [
+        (manifest(phase, cid="c00000077"), f"manifest names c00000077/{phase.value}, expected"),
+        (manifest(other), f"manifest names c00000007/{other.value}, expected"),
+        (manifest(phase, (*MEMBERS, "ghost")), "manifest names non-members ['ghost']"),
+    ]
+    for bad, reason in cases:
+        state, actions = m.step(at(stage), m.ManifestRead(bad))
+        line = said(actions)[0]
+        assert line.startswith("c00000007: abandoning the cohort: cohorts/c00000007/state/")
+        assert reason in line, line
+        assert not any(isinstance(a, m.Share | m.UploadMasked | m.Unmask) for a in actions)
+        assert state.stage is Stage.IDLE
+
+
+@pytest.mark.parametrize(("stage", "phase"), WAITS)
+def test_not_admitted_past_a_phase_leaves(stage: Stage, phase: Phase) -> None:
+    """GIVEN a closed phase that leaves the member out, or keeps fewer than the minimum
+    THEN the member leaves with the reason (not_admitted)."""
+    _, actions = m.step(at(stage), m.ManifestRead(manifest(phase, ("b", "c", "d"))))
+    assert said(actions)[0] == f"c00000007: not counted in {phase.value} (late or rejected)"
+    _, actions = m.step(at(stage), m.ManifestRead(manifest(phase, (ME, "b"))))
+    assert said(actions)[0] == f"c00000007: only 2 members in {phase.value}; the cohort aborts"
+    assert left(actions)[0].outcome is Outcome.ABANDONED
+
+
+IN_COHORT = [Stage.ADVERTISE, Stage.KEYS, Stage.SHARE, Stage.TRAIN, Stage.SHARES,
+             Stage.UPLOAD, Stage.INPUTS, Stage.UNMASK]  # fmt: skip
+WRITES = [Stage.ADVERTISE, Stage.SHARE, Stage.UPLOAD, Stage.UNMASK]
+
+
+@pytest.mark.parametrize("stage", IN_COHORT)
+@pytest.mark.parametrize("kind", [FaultKind.INTEGRITY, FaultKind.NOT_FOUND])
+def test_a_fault_anywhere_in_a_secure_cohort_abandons(stage: Stage, kind: FaultKind) -> None:
+    """GIVEN an IntegrityError or NotFoundError while performing any request of a secure
+    cohort THEN the member abandons with the old line, at WARNING, and counts the round."""
+    state, actions = m.step(at(stage), m.Faulted(kind, "x.json: bad"))
+    assert said(actions) == [
+        "c00000007: abandoning the cohort: x.json: bad",
+        "c00000007: abandoned",
+    ]
+    assert actions[0] == m.Say(
+        "c00000007: abandoning the cohort: x.json: bad", logging.WARNING, "x.json: bad"
+    )
+    assert state.rounds == 1 and left(actions)[0].outcome is Outcome.ABANDONED
+
+
+@pytest.mark.parametrize("stage", WRITES)
+def test_a_lost_write_leaves_the_cohort(stage: Stage) -> None:
+    _, actions = m.step(at(stage), m.WriteConflict("k exists"))
+    assert said(actions)[0] == "c00000007: cannot write (k exists); leaving the cohort"
+    assert left(actions)[0].outcome is Outcome.ABANDONED
+
+
+def test_unmask_refusing_to_reveal_says_only_why() -> None:
+    """GIVEN round 4 refusing to reveal (ProtocolError: too few inputs, cohort ended) THEN
+    the line is the reason alone (as before); an IntegrityError abandons as usual."""
+    _, actions = m.step(at(Stage.UNMASK), m.Faulted(FaultKind.PROTOCOL, "c: only 2 inputs"))
+    assert said(actions) == ["c: only 2 inputs", "c00000007: abandoned"]
+    _, actions = m.step(at(Stage.UNMASK), m.Faulted(FaultKind.INTEGRITY, "U3 not in U2"))
+    assert said(actions)[0] == "c00000007: abandoning the cohort: U3 not in U2"
+
+
+def test_diverged_training() -> None:
+    """GIVEN training that diverged THEN a secure member abandons (counted); a plaintext one
+    sits out uncounted, also on a corrupt base model, with the reason as its line."""
+    _, actions = m.step(at(Stage.TRAIN), m.Diverged("diverged (loss nan)"))
+    assert said(actions) == ["c00000007: diverged (loss nan)", "c00000007: abandoned"]
+    plain = joined(config(Mode.PLAINTEXT), mode=Mode.PLAINTEXT)
+    for obs in (m.Diverged("diverged"), m.Faulted(FaultKind.INTEGRITY, "model: bad")):
+        state, actions = m.step(plain, obs)
+        assert said(actions) == [f"c00000007: {obs.reason}"]
+        assert state.rounds == 0 and state.last_base == 3 and state.stage is Stage.IDLE
+
+
+@pytest.mark.parametrize(
+    ("stage", "point", "line"),
+    [
+        (Stage.ADVERTISE, DropPoint.KEYS, "dropping out before advertising keys"),
+        (Stage.TRAIN, DropPoint.SHARES, "dropping out after sharing keys"),
+        (Stage.INPUTS, DropPoint.INPUTS, "dropping out after uploading"),
+    ],
+)
+def test_vanishing_at_each_drop_point(stage: Stage, point: DropPoint, line: str) -> None:
+    """GIVEN the drop hook answering at a request's vanish point THEN the member leaves as
+    dropped with the old line; anywhere else a Vanished answer is a driver bug."""
+    state = at(stage)
+    assert m.request_for(state).vanish_point is point  # type: ignore[union-attr]
+    new, actions = m.step(state, m.Vanished(point))
+    assert said(actions) == [f"c00000007: {line}", "c00000007: dropped"]
+    assert left(actions)[0].outcome is Outcome.DROPPED and new.rounds == 1
+    others = [p for p in DropPoint if p is not point]
+    with pytest.raises(m.UnexpectedObservation):
+        m.step(state, m.Vanished(others[0]))
+    with pytest.raises(m.UnexpectedObservation):
+        m.step(at(Stage.KEYS), m.Vanished(point))
+
+
+def test_plaintext_training_is_no_drop_point() -> None:
+    plain = joined(config(Mode.PLAINTEXT), mode=Mode.PLAINTEXT)
+    with pytest.raises(m.UnexpectedObservation):
+        m.step(plain, m.Vanished(DropPoint.SHARES))
+
+
+def test_max_rounds_ends_after_the_last_counted_participation() -> None:
+    state = at(Stage.UNMASK, max_rounds=1)
+    state, actions = m.step(state, m.Written())
+    assert state.stage is Stage.DONE and isinstance(actions[-1], m.Leave)
+
+
+def test_observations_that_answer_nothing_are_refused() -> None:
+    state, _ = m.start(settings_())
+    for obs in (m.Written(), m.Faulted(FaultKind.INTEGRITY, "x"), m.Trained(1), m.CohortEnded()):
+        with pytest.raises(m.UnexpectedObservation):
+            m.step(state, obs)
+
+
+# --------------------------------------------------------------------------- properties
+def _answers(state: DeviceState) -> st.SearchStrategy[m.Observation]:
+    """Any well-typed answer to ``state``'s request, with hostile contents."""
+    ids = st.sampled_from([ME, "b", "c", "d", "ghost"])
+    members = st.lists(ids, unique=True, max_size=5).map(tuple)
+    cids = st.sampled_from(["c00000007", "c00000008"])
+    manifests = st.builds(manifest, st.sampled_from(list(Phase)), members, cids)
+    if state.cfg is not None and state.stage in (Stage.KEYS, Stage.SHARES, Stage.INPUTS):
+        honest = manifest(Phase(state.stage.value), tuple(state.cfg.members), state.cfg.cohort_id)
+        manifests = st.one_of(st.just(honest), manifests)  # reach the later rounds often
+    cfgs = st.builds(
+        config, st.sampled_from(list(Mode)), cids,
+        members=st.lists(ids, min_size=1, unique=True, max_size=5).map(lambda c: (ME, *c)).map(
+            lambda c: tuple(dict.fromkeys(c))
+        ) | st.lists(ids, min_size=1, unique=True, max_size=5).map(tuple),
+        min_members=st.integers(1, 4),
+    )  # fmt: skip
+    kinds = st.sampled_from(list(FaultKind))
+    make: dict[type, st.SearchStrategy[Any]] = {
+        m.VersionSeen: st.builds(m.VersionSeen, st.integers(0, 9)),
+        m.BudgetRefused: st.just(m.BudgetRefused("no")),
+        m.CheckedIn: st.just(m.CheckedIn(TICKET)),
+        m.CohortFound: st.builds(m.CohortFound, cfgs),
+        m.ManifestRead: st.builds(m.ManifestRead, manifests),
+        m.Trained: st.builds(m.Trained, st.integers(0, 99)),
+        m.Uploaded: st.just(m.Uploaded(0, None, (1.0,))),
+        m.Diverged: st.just(m.Diverged("nan")),
+        m.WriteConflict: st.just(m.WriteConflict("exists")),
+        m.Faulted: st.builds(m.Faulted, kinds, st.just("bad")),
+    }
+    options = [make[t] if t in make else st.just(t()) for t in m.expects(state.stage)]
+    options = [options[0]] * 3 + options  # the table lists the hoped-for answer first
+    point = getattr(m.request_for(state), "vanish_point", None)
+    if point is not None:
+        options.append(st.just(m.Vanished(point)))
+    options.append(st.just(m.Pending()))
+    return st.one_of(options)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(), mode=st.sampled_from(list(Mode)), max_rounds=st.integers(0, 3),
+    until=st.sampled_from([0, 5]),
+)  # fmt: skip
+def test_no_answer_sequence_breaks_the_safety_rules(
+    data: Any, mode: Mode, max_rounds: int, until: int
+) -> None:
+    """GIVEN any sequence of well-typed answers (lying manifests, faults, drops, strangers)
+    THEN: each step ends in exactly the request for its new state (none once DONE); a
+    device shares only after a checked U1 that counts it, uploads only after training and
+    a checked U2 that counts it, reveals only after its upload and a checked U3 that
+    counts it (U2 and U3 of its own cohort); every cohort joined is left exactly once."""
+    state, actions = m.start(settings_(mode=mode, max_rounds=max_rounds, until_version=until))
+    cohort: CohortConfig | None = None
+    trained = uploaded = False
+    seen: dict[Phase, Manifest] = {}
+
+    def checked(x: Manifest, phase: Phase) -> None:
+        assert cohort is not None and seen.get(phase) is x
+        assert m.manifest_fault(x, cohort, phase) is None
+        assert m.not_admitted(x, cohort, ME) is None
+
+    for _ in range(60):
+        if state.stage is Stage.DONE:
+            assert actions == [] or not isinstance(actions[-1], m.Request)  # type: ignore[arg-type]
+            break
+        assert actions[-1] == m.request_for(state)
+        obs = data.draw(_answers(state))
+        if isinstance(obs, m.CohortFound):
+            assert cohort is None
+            cohort, trained, uploaded, seen = obs.cfg, False, False, {}
+        if isinstance(obs, m.ManifestRead):
+            seen[Phase(obs.manifest.phase)] = obs.manifest
+        state, actions = m.step(state, obs)
+        for a in actions:
+            match a:
+                case m.Share():
+                    checked(a.u1, Phase.KEYS)
+                case m.UploadMasked():
+                    assert trained
+                    checked(a.u2, Phase.SHARES)
+                case m.Unmask():
+                    assert uploaded
+                    checked(a.u2, Phase.SHARES)
+                    checked(a.u3, Phase.INPUTS)
+                case m.Leave():
+                    assert cohort is not None and a.cohort_id == cohort.cohort_id
+                    cohort = None
+                case m.Advertise() | m.Train() | m.UploadPlain():
+                    assert cohort is not None and cohort.members.get(ME)
+                    assert cohort.mode is Mode.SECAGG or not isinstance(a, m.Advertise)
+        trained = trained or isinstance(obs, m.Trained)
+        uploaded = uploaded or isinstance(obs, m.Uploaded)
+        assert not max_rounds or state.rounds <= max_rounds
+        assert (state.cfg is None) == (cohort is None)
+
+
+# --------------------------------------------------------------------------- the runner
+class FakeParticipant:
+    """Just enough of a Participant for the runner's waits (no store)."""
+
+    client_id = ME
+    mode = "secagg"
+
+    def __init__(self) -> None:
+        self.manifests: dict[Phase, Manifest] = {}
+        self.ended = False
+
+    def manifest(self, cohort_id: str, phase: Phase) -> Manifest | None:
+        return self.manifests.get(phase)
+
+    def result(self, cohort_id: str) -> object | None:
+        return object() if self.ended else None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _runner(p: FakeParticipant, clock: Clock, **kw: Any) -> Runner:
+    never = SyntheticDevice(lambda cfg: Update({}, 0))
+    return Runner(p, never, polling=Polling(phase_s=0.25), clock=clock, **kw)  # type: ignore[arg-type]
+
+
+def test_step_wise_runner_looks_once_and_times_out_on_its_clock() -> None:
+    """GIVEN a non-blocking runner WHEN a phase stays open THEN each perform is one look
+    (Pending with the retry delay) until the wait's timeout on the runner's clock passes;
+    once the manifest is there it is read; an ended cohort answers CohortEnded."""
+    p, clock = FakeParticipant(), Clock()
+    runner = _runner(p, clock, blocking=False)
+    wait = m.AwaitPhase(config(), Phase.KEYS, 10.0)
+    assert runner.perform(wait) == m.Pending(0.25)
+    clock.now = 9.9
+    assert runner.perform(wait) == m.Pending(0.25)
+    clock.now = 10.0
+    assert runner.perform(wait) == m.TimedOut()
+    p.manifests[Phase.KEYS] = u1 = manifest(Phase.KEYS)
+    assert runner.perform(wait) == m.ManifestRead(u1)  # a new wait: its own clock
+    p.ended = True
+    assert runner.perform(m.AwaitPhase(config(), Phase.SHARES, 10.0)) == m.CohortEnded()
+
+
+def test_blocking_runner_sleeps_between_looks_and_stops_when_asked() -> None:
+    p, clock = FakeParticipant(), Clock()
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        clock.now += s
+
+    runner = _runner(p, clock, sleep=sleep)
+    assert runner.perform(m.AwaitPhase(config(), Phase.KEYS, 1.0)) == m.TimedOut()
+    assert slept == [0.25] * 4
+    stopping = _runner(p, clock, sleep=sleep, should_stop=lambda: True)
+    assert stopping.perform(m.AwaitPhase(config(), Phase.SHARES, 1.0)) == m.Stopped()
+
+
+def test_drop_hook_answers_before_the_request_is_performed() -> None:
+    """GIVEN a drop hook for a point WHEN the request naming that point comes THEN the
+    runner answers Vanished without performing it (nothing is read or written)."""
+    p, clock = FakeParticipant(), Clock()
+    runner = _runner(p, clock, drop=DropAt(DropPoint.INPUTS), blocking=False)
+    assert runner.perform(m.AwaitPhase(config(), Phase.INPUTS, 1.0, DropPoint.INPUTS)) == (
+        m.Vanished(DropPoint.INPUTS)
+    )
+    assert runner.perform(m.AwaitPhase(config(), Phase.KEYS, 1.0)) == m.Pending(0.25)
+
+
+def test_random_drop_draws_once_per_cohort() -> None:
+    draws = iter([0.1, 0.9])
+    hook = RandomDrop(DropPoint.SHARES, 0.5, uniform=lambda: next(draws))
+    assert not hook.vanishes("c1", DropPoint.KEYS)  # the draw: 0.1 < 0.5, at shares
+    assert hook.vanishes("c1", DropPoint.SHARES)
+    assert not hook.vanishes("c2", DropPoint.KEYS) and not hook.vanishes("c2", DropPoint.SHARES)
