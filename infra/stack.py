@@ -119,12 +119,23 @@ class LocalStack:
         self.sweeps = 0
         self.invocations = InvocationMeter()  # per-function calls and busy seconds (cost report)
         self.s3_meter: S3Meter | None = None  # requests and bytes, on the embedded server only
+        self._saved_env: dict[str, str | None] = {}
 
     def start(self) -> LocalStack:
         if self._given_endpoint is None:
             self._server = EmbeddedS3().start()
             self.endpoint_url = self._server.endpoint_url
             self.s3_meter = self._server.meter
+        # The handlers read their settings from the process environment (as on Lambda);
+        # what this stack sets is put back on stop, so a later stack or handler test in
+        # the same process never inherits this one's settings.
+        touched = [
+            "BUCKET",
+            "S3_ENDPOINT_URL",
+            "POWERTOOLS_METRICS_DISABLED",
+            *SETTING_ENV.values(),
+        ]
+        self._saved_env = {name: os.environ.get(name) for name in touched}
         os.environ["BUCKET"] = self.bucket
         os.environ["S3_ENDPOINT_URL"] = self.endpoint_url
         os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
@@ -204,6 +215,12 @@ class LocalStack:
 
             runtime.set_clock(self._previous_clock)
             self._previous_clock = None
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved_env = {}
 
     def __enter__(self) -> LocalStack:
         return self.start()
