@@ -22,8 +22,9 @@ from fedcore.server.apply import apply_cohort, read_optimizer_state, write_optim
 from fedcore.server.optimizers import OptimizerConfig, ServerOptimizer, init_state, step
 from fedcore.storage import S3Store
 from fedcore.versions import commit_version, find_head, load_model, read_header, read_meta, seed
-from tests.helpers import TINY, chain, delta_for
+from tests.helpers import TINY, chain, delta_for, participant
 from tests.replay import replay_chain
+from tests.sync_functions import SyncFunctions
 
 FEDAVGM = OptimizerConfig(ServerOptimizer.FEDAVGM, momentum=0.9)
 FEDADAM = OptimizerConfig(ServerOptimizer.FEDADAM, lr=0.05)
@@ -221,3 +222,24 @@ def test_devices_may_not_read_or_write_optimizer_state() -> None:
     assert access.allowed("dev1", "get", layout.model_key(3))
     for op in ("get", "head", "put_new"):
         assert not access.allowed("dev1", op, key), op
+
+
+def test_the_coordinator_aborts_a_cohort_whose_step_is_non_finite(
+    store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GIVEN a server lr that overflows WHEN a plaintext cohort completes through the real
+    handlers THEN the cohort ends aborted, the reason says why, and no version is added."""
+    seeded(store)
+    h = SyncFunctions(
+        store,
+        {"mode": "plaintext", "cohort_size": 3, "min_cohort_size": 3, "server_lr": 1e39},
+        monkeypatch,
+    )
+    parts = [participant(store, c) for c in ("a0", "a1", "a2")]
+    cfg = h.join(parts)
+    for p in parts:
+        p.upload_plain(cfg, delta_for(p.client_id), num_samples=10, loss=0.5)
+    h.deliver()
+    res = h.result(cfg)
+    assert res is not None and res.status == "aborted" and "non-finite" in res.reason, res
+    assert find_head(store) == 0
