@@ -151,6 +151,10 @@ def _decide_read(client_id: str, parsed: layout.ParsedKey, cohort: CohortLookup)
         return _OK
     if kind is Kind.SUM:
         return _deny("masked sums are for the aggregation function only")
+    if kind is Kind.OPTIMIZER:
+        # Devices train from model.safetensors alone; the server optimizer's moments are
+        # the function's working state, not part of what a version publishes to them.
+        return _deny("server optimizer state is for the aggregation function only")
     if kind is Kind.CHECKIN:
         return _OK if parsed.client_id == client_id else _deny("another client's check-in")
     if kind not in _PEER_READABLE:

@@ -241,9 +241,15 @@ class ModelMeta:
     num_samples: int = 0
     created_at: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The server optimizer state after this version ({"kind", "key", "sha256"}), for a
+    # stateful server optimizer only; None (and absent from the bytes) for plain FedAvg.
+    optimizer: dict[str, str] | None = None
 
     def to_metadata(self) -> dict[str, str]:
-        return {"format": MODEL_FORMAT, "fedcore": json.dumps(asdict(self), sort_keys=True)}
+        doc = asdict(self)
+        if doc["optimizer"] is None:
+            del doc["optimizer"]  # plain FedAvg versions keep their exact bytes
+        return {"format": MODEL_FORMAT, "fedcore": json.dumps(doc, sort_keys=True)}
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], *, where: str) -> ModelMeta:
@@ -263,6 +269,12 @@ class ModelMeta:
                 raise TypeError("cohorts and members must be lists of strings")
             if not isinstance(out.metrics, dict):
                 raise TypeError("metrics must be an object")
+            if out.optimizer is not None and not (
+                isinstance(out.optimizer, dict)
+                and set(out.optimizer) == {"kind", "key", "sha256"}
+                and all(isinstance(v, str) for v in out.optimizer.values())
+            ):
+                raise TypeError("optimizer must be null or {kind, key, sha256} strings")
         except TypeError as exc:
             raise IntegrityError(f"{where}: model metadata invalid: {exc}") from None
         return out

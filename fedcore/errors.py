@@ -44,6 +44,13 @@ class IntegrityError(FedError):
     """
 
 
+class NonFiniteModelError(FedError):
+    """Applying a cohort would produce a version (or optimizer state) with NaN or infinity.
+
+    Never committed: the cohort is aborted with this message as its reason.
+    """
+
+
 class ProtocolError(FedError):
     """A message is well-formed but not allowed in the cohort's current state."""
 

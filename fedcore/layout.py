@@ -40,6 +40,7 @@ class Phase(StrEnum):
 class Kind(StrEnum):
     LATEST = "latest"
     MODEL = "model"
+    OPTIMIZER = "optimizer"  # server optimizer state a version names (functions only)
     IDENTITY = "identity"
     CHECKIN = "checkin"
     CONFIG = "config"
@@ -93,6 +94,23 @@ def model_key(version: int) -> str:
     if version < 0:
         raise ValueError(f"negative version {version}")
     return f"global/v{version:08d}/model.safetensors"
+
+
+def optimizer_key(version: int, cid: str, digest: str) -> str:
+    """Where the server optimizer state after ``version`` lives (write-once).
+
+    Keyed by the applying cohort and a digest of the state's bytes, not by the version
+    alone: an apply that loses the race for ``version`` may already have written its
+    state, and a winner's write-once put at the same key would then fail. The committed
+    model names exactly one such key (and its sha256); any other is an orphan of a lost
+    race and is never read.
+    """
+    if version < 1:
+        raise ValueError(f"optimizer state belongs to a version >= 1, got {version}")
+    cohort_seq(cid)
+    if not re.fullmatch(r"[0-9a-f]{16}", digest):
+        raise ValueError("optimizer state digest must be 16 hex digits")
+    return f"global/v{version:08d}/optimizer-{cid}-{digest}.safetensors"
 
 
 def identity_key(client_id: str) -> str:
@@ -149,6 +167,12 @@ _MEMBER_KINDS = {
 _PATTERNS: list[tuple[re.Pattern[str], Kind]] = [
     (re.compile(r"^global/latest\.json$"), Kind.LATEST),
     (re.compile(r"^global/v(?P<version>\d{8})/model\.safetensors$"), Kind.MODEL),
+    (
+        re.compile(
+            r"^global/v(?P<version>\d{8})/optimizer-(?P<cohort>c\d{8})-[0-9a-f]{16}\.safetensors$"
+        ),
+        Kind.OPTIMIZER,
+    ),
     (re.compile(rf"^clients/(?P<client>{_ID})/identity\.json$"), Kind.IDENTITY),
     (re.compile(rf"^checkins/(?P<client>{_ID})/(?P<nonce>{_ID})\.json$"), Kind.CHECKIN),
     (re.compile(r"^cohorts/(?P<cohort>c\d{8})/config\.json$"), Kind.CONFIG),

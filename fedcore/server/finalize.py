@@ -26,7 +26,12 @@ import numpy as np
 
 from fedcore import layout
 from fedcore.codec import UpdateMeta
-from fedcore.errors import AlreadyExistsError, IntegrityError, NotFoundError
+from fedcore.errors import (
+    AlreadyExistsError,
+    IntegrityError,
+    NonFiniteModelError,
+    NotFoundError,
+)
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Manifest, Mode, Result, dumps
 from fedcore.secagg import crypto
@@ -139,17 +144,21 @@ class Finalizer:
     def apply(self, cfg: CohortConfig, mean: CohortMean, started: float) -> Outcome:
         """Commit the mean as the next version, then record the result."""
         cid = cfg.cohort_id
-        applied = apply_cohort(
-            self.store,
-            cohort_id=cid,
-            base_version=cfg.base_version,
-            mean_delta=mean.mean,
-            server_lr=cfg.server_lr,
-            rule=cfg.staleness_weight or self.settings.staleness_weight,
-            members=mean.included,
-            num_samples=mean.num_samples,
-            metrics=mean.version_metrics(cfg),
-        )
+        try:
+            applied = apply_cohort(
+                self.store,
+                cohort_id=cid,
+                base_version=cfg.base_version,
+                mean_delta=mean.mean,
+                server_lr=cfg.server_lr,
+                rule=cfg.staleness_weight or self.settings.staleness_weight,
+                members=mean.included,
+                num_samples=mean.num_samples,
+                metrics=mean.version_metrics(cfg),
+                optimizer=self.settings.optimizer,
+            )
+        except NonFiniteModelError as exc:  # never committed: the cohort ends, with why
+            raise CohortAborted(str(exc)) from exc
         if not applied.already:
             self.metric("CohortsApplied", 1, "Count")
             self.metric("Staleness", applied.staleness, "Count")

@@ -17,6 +17,7 @@ from typing import Any, TypeVar, get_type_hints
 
 from fedcore.messages import MODES
 from fedcore.server.apply import STALENESS_WEIGHTS
+from fedcore.server.optimizers import OptimizerConfig, ServerOptimizer
 
 T = TypeVar("T")
 
@@ -51,6 +52,14 @@ class ServerSettings:
     stuck_after_s: float = setting(120.0, "STUCK_AFTER_S")
     server_lr: float = setting(1.0, "SERVER_LR")
     staleness_weight: str = setting("inverse_sqrt", "STALENESS_WEIGHT")
+    # Server update rule on the staleness-weighted cohort mean (fedcore/server/optimizers.py);
+    # its learning rate is server_lr. fedavg is the plain FedBuff step and keeps no state.
+    # (RUF009: the default is a StrEnum member, immutable like the str defaults.)
+    server_optimizer: ServerOptimizer = setting(ServerOptimizer.FEDAVG, "SERVER_OPTIMIZER")  # noqa: RUF009
+    server_momentum: float = setting(0.9, "SERVER_MOMENTUM")  # FedAvgM
+    server_beta1: float = setting(0.9, "SERVER_BETA1")  # FedAdam, FedYogi, FedAdagrad
+    server_beta2: float = setting(0.99, "SERVER_BETA2")  # FedAdam, FedYogi
+    server_tau: float = setting(1e-3, "SERVER_TAU")  # adaptivity floor of FedAdam/Yogi/Adagrad
     mode: str = setting("secagg", "AGGREGATION_MODE")
     read_concurrency: int = setting(4, "READ_CONCURRENCY")
     # Time limit of the key, share and unmask rounds.
@@ -70,6 +79,7 @@ class ServerSettings:
     secagg_weight_cap: int = setting(10_000, "SECAGG_WEIGHT_CAP")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "server_optimizer", ServerOptimizer(self.server_optimizer))
         if self.cohort_size < 1 or not 1 <= self.min_cohort_size <= self.cohort_size:
             raise ValueError(
                 f"need 1 <= min_cohort_size ({self.min_cohort_size}) <= cohort_size ({self.cohort_size})"
@@ -93,6 +103,19 @@ class ServerSettings:
             or self.short_round_s <= 0
         ):
             raise ValueError("server_lr, round_deadline_s and read_concurrency must be positive")
+        self.optimizer  # noqa: B018  (validates the server optimizer's hyperparameters)
+
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        """The server update rule with its hyperparameters and ``server_lr``."""
+        return OptimizerConfig(
+            kind=self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            tau=self.server_tau,
+        )
 
     @classmethod
     def env_names(cls) -> dict[str, str]:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pytest
 
 from fedcore import layout, versions
+from fedcore.codec import ModelMeta, decode_update
 from fedcore.device import SecureRound, manifest_fault, not_admitted
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig, Manifest
@@ -32,6 +34,7 @@ from fedcore.storage import NotFoundError, S3Store
 from fedcore.versions import find_head, load_model, seed
 from tests.crashpoints import CrashingStore, Killed, Site, call_sites, imported_files
 from tests.helpers import TINY, assert_consistent, connect, delta_for, participant
+from tests.replay import replay_chain
 from tests.sync_functions import SyncFunctions
 
 # Everything the two functions run: their handlers and every project module those
@@ -75,6 +78,13 @@ SETTINGS = {
     "checkin_ttl_s": 1e6,  # the clock only moves forward: expire check-ins last
     "stuck_after_s": ROUND_S,
     "secagg_weight_cap": 100,
+}
+# A stateful server optimizer in each mode, so a crash at every call site also hits the
+# optimizer state's write and read; the chain is then replayed (tests/replay.py) to show
+# no state was applied twice or lost.
+OPTIMIZERS = {
+    "plaintext": {"server_optimizer": "fedavgm", "server_momentum": 0.9},
+    "secagg": {"server_optimizer": "fedadam", "server_lr": 0.05},
 }
 
 
@@ -138,6 +148,24 @@ def assert_applied(h: SyncFunctions, cfg: CohortConfig, members: list[str]) -> N
     assert any(not np.array_equal(new[k], old[k]) for k in TINY)
 
 
+def cohort_mean(h: SyncFunctions, meta: ModelMeta) -> dict[str, np.ndarray]:
+    """The mean the version ``meta`` should have applied, from what its members sent:
+    plaintext uploads read back and weighted by their sample counts; secure members all
+    sent ``delta_for(c, TINY, 0.05)`` with 50 samples (equal weights)."""
+    (cid,) = meta.cohorts
+    if h.settings.mode == "secagg":
+        deltas = [(1.0, delta_for(c, TINY, 0.05)) for c in meta.members]
+    else:
+        schema = versions.read_schema(h.store, 0)
+        deltas = []
+        for c in meta.members:
+            key = layout.member_key(cid, layout.Kind.PLAIN, c)
+            delta, up = decode_update(h.store.get(key).body, where=key, schema=schema)
+            deltas.append((float(up.num_samples), delta))
+    total = sum(w for w, _ in deltas)
+    return {k: sum(w * d[k].astype(np.float64) for w, d in deltas) / total for k in TINY}
+
+
 def run_scenario(h: SyncFunctions, mode: str) -> set[str]:
     """Cohorts covering every path of the functions; returns the cohorts that must apply."""
     applied = set()
@@ -198,10 +226,11 @@ def test_function_recovers_from_a_crash_at_every_call_site(
         store = connect(f"crash-{when}-{mode}-{time.time_ns()}", s3_endpoint)
         store.ensure_bucket()
         seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
-        h = crash_harness(store, {**SETTINGS, "mode": mode}, monkeypatch)
+        h = crash_harness(store, {**SETTINGS, **OPTIMIZERS[mode], "mode": mode}, monkeypatch)
         applied = run_scenario(h, when)
         assert 0 < h.kills <= h.crashing.crash_points
         assert_consistent(store, applied)
+        assert replay_chain(store, h.settings.optimizer, partial(cohort_mean, h), atol=1e-5)
         left = [i.key for i in store.list(layout.CHECKINS_PREFIX)]
         assert left == [], f"check-ins left behind: {left}"
         crashed |= h.crashing.crashed

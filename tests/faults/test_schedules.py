@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedcore import layout
+from fedcore.codec import ModelMeta
 from fedcore.errors import AlreadyExistsError, NotFoundError, ProtocolError
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig, Manifest, parse_config
@@ -36,6 +37,7 @@ from fedcore.secure_round import SecureRound
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, load_model, seed
 from tests.helpers import TINY, assert_consistent, connect, delta_for, participant
+from tests.replay import replay_chain
 from tests.sync_functions import SyncFunctions
 
 ROUND_S = 30.0
@@ -217,7 +219,9 @@ def expected_mean(members: list[Member], mode: str) -> tuple[dict[str, np.ndarra
     return mean, total
 
 
-def check_invariants(s: Schedule, store: S3Store) -> None:
+def check_invariants(s: Schedule, store: S3Store, *, plain_step: bool = True) -> None:
+    """Every invariant of the module docstring; ``plain_step=False`` (a server optimizer)
+    leaves the sum invariant to ``tests.replay.replay_chain``."""
     cohorts = s.cohorts()
     results = {c.cohort_id: s.h.result(c) for c in cohorts}
     assert all(r is not None for r in results.values()), f"cohorts left open: {results}"
@@ -237,6 +241,8 @@ def check_invariants(s: Schedule, store: S3Store) -> None:
         for m in members:
             if m.on_time and m.cfg is not None and m.cfg.cohort_id == cfg.cohort_id:
                 assert m.client in res.included, f"{m.client}'s on-time input was lost: {res}"
+        if not plain_step:
+            continue
         new, meta, _ = load_model(store, res.version)  # type: ignore[arg-type]
         old, _, _ = load_model(store, res.version - 1)  # type: ignore[operator]
         mean, total = expected_mean(counted, s.mode)
@@ -283,6 +289,25 @@ def test_random_schedules_keep_every_invariant(
     drops: list[str],
     schedule_seed: int,
 ) -> None:
+    s, store = run_schedule(
+        s3_endpoint, monkeypatch, bucket_names, mode, n, cohorts, drops, schedule_seed, {}
+    )
+    check_invariants(s, store)
+    assert find_head(store) >= 0
+
+
+def run_schedule(
+    s3_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket_names: Any,
+    mode: str,
+    n: int,
+    cohorts: int,
+    drops: list[str],
+    schedule_seed: int,
+    extra: dict[str, Any],
+) -> tuple[Schedule, S3Store]:
+    """One random schedule on a fresh bucket, run to the end (``extra``: more settings)."""
     store = connect(f"sched-{time.time_ns()}-{next(bucket_names)}", s3_endpoint)
     store.ensure_bucket()
     seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
@@ -298,6 +323,7 @@ def test_random_schedules_keep_every_invariant(
             "checkin_ttl_s": 1e6,
             "stuck_after_s": ROUND_S,
             "secagg_weight_cap": WEIGHT_CAP,
+            **extra,
         },
         monkeypatch,
     )
@@ -307,5 +333,53 @@ def test_random_schedules_keep_every_invariant(
     ]
     s = Schedule(h, members, rng)
     s.run()
-    check_invariants(s, store)
-    assert find_head(store) >= 0
+    return s, store
+
+
+OPTIMIZER_SCHEDULES = int(os.environ.get("OPTIMIZER_SCHEDULES", "8"))
+
+
+@pytest.mark.timeout(600)
+@settings(
+    max_examples=OPTIMIZER_SCHEDULES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    mode=st.sampled_from(["plaintext", "secagg"]),
+    optimizer=st.sampled_from(
+        [
+            {"server_optimizer": "fedavgm", "server_momentum": 0.9},
+            {"server_optimizer": "fedadam", "server_lr": 0.05},
+        ]
+    ),
+    drops=st.lists(st.sampled_from(["never"] * 14 + ["keys", "inputs"]), min_size=6, max_size=6),
+    schedule_seed=st.integers(0, 2**32 - 1),
+)
+def test_random_schedules_apply_optimizer_state_exactly_once(
+    s3_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket_names: Any,
+    mode: str,
+    optimizer: dict[str, Any],
+    drops: list[str],
+    schedule_seed: int,
+) -> None:
+    """GIVEN two cohorts of three in flight at once under a stateful server optimizer, with
+    events late, duplicated, reordered and concurrent WHEN the schedule ends THEN every
+    invariant above holds, and replaying the applied cohorts' means in chain order through
+    the optimizer reproduces every committed version and the state it names: no state
+    applied twice, none lost, none taken from an attempt that lost its race."""
+    s, store = run_schedule(
+        s3_endpoint, monkeypatch, bucket_names, mode, 3, 2, drops, schedule_seed, optimizer
+    )
+    check_invariants(s, store, plain_step=False)
+    by_client = {m.client: m for m in s.members}
+
+    def mean_of(meta: ModelMeta) -> dict[str, np.ndarray]:
+        return expected_mean([by_client[c] for c in meta.members], mode)[0]
+
+    assert replay_chain(store, s.h.settings.optimizer, mean_of, atol=1e-5) == len(
+        [r for c in s.cohorts() if (r := s.h.result(c)) and r.status == "applied"]
+    )

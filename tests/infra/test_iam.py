@@ -60,7 +60,7 @@ def write_once_keys() -> list[str]:
     keys = [
         layout.model_key(0),
         layout.model_key(7),
-        "global/v00000007/optimizer.safetensors",  # state a commit may name (DESIGN.md 4.6)
+        layout.optimizer_key(7, CID, "0123456789abcdef"),  # state a commit may name (DESIGN.md 4.6)
         layout.identity_key(ME),
         layout.checkin_key(ME, "n1"),
         layout.config_key(CID),
@@ -273,7 +273,11 @@ def test_no_role_deletes_or_overwrites_global_versions(
 ) -> None:
     """GIVEN any role, even granted s3:* WHEN it deletes any object or version under global/,
     or PUTs a version without If-None-Match THEN denied."""
-    versions = [layout.model_key(0), layout.model_key(7), "global/v00000007/optimizer.safetensors"]
+    versions = [
+        layout.model_key(0),
+        layout.model_key(7),
+        layout.optimizer_key(7, CID, "0123456789abcdef"),
+    ]
     for key in [*versions, layout.LATEST_KEY]:
         for action in ("s3:DeleteObject", "s3:DeleteObjectVersion"):
             assert explicitly_denied(resources, role, action, key, NO_HEADER), (action, key)
@@ -346,7 +350,7 @@ def test_lifecycle_never_expires_a_model_version(resources: dict[str, Any]) -> N
     for rule in rules:
         prefix = rule.get("Prefix", "")
         assert "Filter" not in rule, rule["Id"]  # only Prefix-scoped rules are modelled here
-        for key in (layout.model_key(7), "global/v00000007/optimizer.safetensors"):
+        for key in (layout.model_key(7), layout.optimizer_key(7, CID, "0123456789abcdef")):
             assert not key.startswith(prefix), f"{rule['Id']} expires {key}"
     noncurrent = {r.get("Prefix") for r in rules if "NoncurrentVersionExpiration" in r}
     assert layout.LATEST_KEY in noncurrent, json.dumps(sorted(map(str, noncurrent)))

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from fedcore.server.optimizers import ServerOptimizer
 from fedcore.server.settings import ServerSettings
 from infra.stack import SETTING_ENV, LocalStack
 
@@ -32,6 +33,8 @@ def test_from_env_reads_every_variable_by_its_field_type() -> None:
         "short_round_s": 12.0, "secagg_clip": 2.0, "secagg_degree": 3,
         "secagg_max_dropout": 0.2, "dp_user_noise": 1.5, "dp_user_clip": 0.5,
         "dp_delta": 1e-6, "secagg_weight_cap": 100,
+        "server_optimizer": ServerOptimizer.FEDADAM, "server_momentum": 0.5,
+        "server_beta1": 0.8, "server_beta2": 0.9, "server_tau": 1e-2,
     }  # fmt: skip
     assert set(changed) == set(ServerSettings.env_names())
     env = ServerSettings.env_for(changed)
@@ -47,6 +50,9 @@ def test_from_env_reads_every_variable_by_its_field_type() -> None:
         ({"SECAGG_DEGREE": "2.5"}, "SECAGG_DEGREE='2.5' is not a valid int"),
         ({"DP_DELTA": ""}, "DP_DELTA='' is not a valid float"),
         ({"AGGREGATION_MODE": "fast"}, "mode must be one of"),
+        ({"SERVER_OPTIMIZER": "sgd"}, "SERVER_OPTIMIZER='sgd' is not a valid ServerOptimizer"),
+        ({"SERVER_MOMENTUM": "1.0"}, r"server momentum must be in \[0, 1\)"),
+        ({"SERVER_TAU": "0"}, "server tau must be finite and positive"),
     ],
 )
 def test_a_bad_value_names_its_variable(env: dict[str, str], message: str) -> None:
