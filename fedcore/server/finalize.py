@@ -29,6 +29,16 @@ from fedcore.codec import UpdateMeta
 from fedcore.errors import AlreadyExistsError, IntegrityError, NotFoundError
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Manifest, Mode, Result, dumps
+from fedcore.metrics import (
+    AGGREGATE_SECONDS,
+    BYTES_READ,
+    COHORTS_ABORTED,
+    COHORTS_APPLIED,
+    DROPOUTS,
+    PHASE_SECONDS,
+    STALENESS,
+    MetricSink,
+)
 from fedcore.secagg import crypto
 from fedcore.server import secure
 from fedcore.server.aggregate import weighted_mean
@@ -36,7 +46,7 @@ from fedcore.server.apply import apply_cohort, find_applied
 from fedcore.server.cache import Cache, Schema
 from fedcore.server.formation import delete_checkins
 from fedcore.server.settings import ServerSettings
-from fedcore.server.vocabulary import PHASES, CohortAborted, MetricSink, Outcome, secagg_params
+from fedcore.server.vocabulary import PHASES, CohortAborted, Outcome, secagg_params
 from fedcore.storage import ObjectStore
 from fedcore.versions import advance_pointer, read_meta
 
@@ -103,7 +113,7 @@ class Finalizer:
             concurrency=self.settings.read_concurrency,
             cohort_id=cid,
         )
-        self.metric("BytesRead", result.bytes_read, "Bytes")
+        self.metric(BYTES_READ, result.bytes_read, "Bytes")
         valid = {c: present[c] for c in result.included}
         key = layout.sum_key(cid, secure.sum_digest(result.included))
         # AlreadyExists: a concurrent close summed the same member set (same bytes).
@@ -151,12 +161,12 @@ class Finalizer:
             metrics=mean.version_metrics(cfg),
         )
         if not applied.already:
-            self.metric("CohortsApplied", 1, "Count")
-            self.metric("Staleness", applied.staleness, "Count")
-            self.metric("Dropouts", len(cfg.members) - len(mean.included), "Count")
-            self.metric("AggregateSeconds", self.clock() - started, "Seconds")
+            self.metric(COHORTS_APPLIED, 1, "Count")
+            self.metric(STALENESS, applied.staleness, "Count")
+            self.metric(DROPOUTS, len(cfg.members) - len(mean.included), "Count")
+            self.metric(AGGREGATE_SECONDS, self.clock() - started, "Seconds")
             for name, secs in self.phase_durations(cfg).items():  # KeysPhaseSeconds, ...
-                self.metric(f"{name.capitalize()}PhaseSeconds", secs, "Seconds")
+                self.metric(PHASE_SECONDS[Phase(name)], secs, "Seconds")
         log.info(
             "cohort applied",
             extra={
@@ -215,7 +225,7 @@ class Finalizer:
             self.store, keys, schema=schema, check=check,
             concurrency=self.settings.read_concurrency, cohort_id=cid,
         )  # fmt: skip
-        self.metric("BytesRead", mean.bytes_read, "Bytes")
+        self.metric(BYTES_READ, mean.bytes_read, "Bytes")
         if len(mean.included) < cfg.min_members:
             raise CohortAborted(
                 f"{len(mean.included)} valid inputs < minimum {cfg.min_members}", mean.rejected
@@ -305,7 +315,7 @@ class Finalizer:
         log.warning(
             "cohort aborted", extra={"cohort_id": cfg.cohort_id, "reason": reason, "phase": "abort"}
         )
-        self.metric("CohortsAborted", 1, "Count")
+        self.metric(COHORTS_ABORTED, 1, "Count")
         self.record(
             Result(cfg.cohort_id, "aborted", None, reason, [], aborted.rejected, self.clock()), cfg
         )

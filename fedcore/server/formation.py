@@ -25,11 +25,12 @@ from fedcore.errors import (
 )
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Mode, encode_config, parse_checkin
+from fedcore.metrics import COHORTS_FORMED, MetricSink
 from fedcore.secagg import crypto
 from fedcore.secagg.protocol import DOMAIN_CHECKIN, SecAggParams
 from fedcore.server.cache import Cache
 from fedcore.server.settings import ServerSettings
-from fedcore.server.vocabulary import PHASES, MetricSink
+from fedcore.server.vocabulary import PHASES
 from fedcore.storage import ObjectInfo, ObjectStore
 from fedcore.versions import find_head
 
@@ -194,7 +195,7 @@ class Formation:
                 continue  # another invocation took this id: re-list and try the next
             self.cache.remember_config(cfg)
             formed.append(cid)
-            self.metric("CohortsFormed", 1, "Count")
+            self.metric(COHORTS_FORMED, 1, "Count")
             log.info(
                 "cohort formed",
                 extra={
