@@ -142,6 +142,11 @@ class Formation:
         else:
             phase_s = {}
         phase_s[Phase.INPUTS.value] = s.round_deadline_s
+        min_members = min(s.min_cohort_size, len(chosen))
+        if dp is not None:
+            # The noise is sized for expected_survivors: fewer would release a larger
+            # epsilon than the config promises, so they abort instead (nothing released).
+            min_members = max(min_members, dp.expected_survivors)
         identities = (
             {w.client_id: crypto.b64(self.cache.identity(w.client_id)) for w in chosen}
             if mode is Mode.SECAGG
@@ -153,7 +158,7 @@ class Formation:
             base_version=base,
             members={w.client_id: w.nonce for w in chosen},
             mode=mode,
-            min_members=min(s.min_cohort_size, len(chosen)),
+            min_members=min_members,
             created_at=now,
             phase_s=phase_s,
             server_lr=s.server_lr,
