@@ -9,8 +9,11 @@
                state/result.json            (record: written after the commit)
 
 A cohort that cannot produce a mean (too few valid inputs, a sum that cannot be
-unmasked safely) raises ``CohortAborted``; the coordinator catches it in one place
-and calls ``abort``, which records it.
+unmasked safely, a decoded sum or mean outside what honest members can produce)
+raises ``CohortAborted``; the coordinator catches it in one place and calls
+``abort``, which records it. The bounds (``secure.decode_mean``,
+``DistributedDP.decode_checked``, the plaintext clip) are checked before the
+commit, so an out-of-bounds cohort is never applied.
 """
 
 from __future__ import annotations
@@ -280,6 +283,12 @@ class Finalizer:
         params = secagg_params(cfg)
         manifests = self.closed_manifests(cfg)
         _, u2, u3, u4 = (manifests[p].members for p in PHASES[Mode.SECAGG])
+        if cfg.dp is not None and len(u3) < cfg.dp.expected_survivors:
+            # Formation's minimum, checked again before anything is unmasked.
+            raise CohortAborted(
+                f"{len(u3)} survivors < {cfg.dp.expected_survivors}, the count the DP noise "
+                "is sized for: releasing would exceed the per-release epsilon"
+            )
         inputs, unmask = manifests[Phase.INPUTS], manifests[Phase.UNMASK]
         # The model-sized sum downloads while the reveals are fetched and verified.
         background = ThreadPoolExecutor(max_workers=1)
@@ -305,11 +314,6 @@ class Finalizer:
             )  # fmt: skip
             privacy: dict[str, Any] = {}
             if (dp := cfg.dp) is not None:
-                if len(u3) < dp.expected_survivors:  # formation's minimum, checked again
-                    raise CohortAborted(
-                        f"{len(u3)} survivors < {dp.expected_survivors}, the count the DP "
-                        "noise is sized for: releasing would exceed the per-release epsilon"
-                    )
                 mean = secure.decode_dp_mean(total, dp=dp, count=len(u3), schema=schema)
                 weight = len(u3) / params.weight_cap  # members count equally under DP
                 release = dp.release(len(u3), length - 1)

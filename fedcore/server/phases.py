@@ -214,6 +214,10 @@ class Phases:
     ) -> Outcome:
         """What a closed phase means: the cohort goes on, or it aborts below its minimum."""
         minimum = 1 if phase is Phase.UNMASK else cfg.min_members
+        if cfg.dp is not None and phase is not Phase.UNMASK:
+            # Formation sets this minimum; a config that does not (an older function's)
+            # must still not release with less noise than the config promises.
+            minimum = max(minimum, cfg.dp.expected_survivors)
         if len(manifest.members) < minimum:
             if not won and self.cache.result(cfg.cohort_id) is not None:
                 return Outcome.NOOP  # a redelivered event; the abort is already recorded

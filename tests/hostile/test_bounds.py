@@ -41,6 +41,10 @@ CAP = 100  # SECAGG_WEIGHT_CAP
 
 @pytest.fixture
 def env(store: S3Store, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    # Start from the code's defaults: a LocalStack earlier in the session leaves its
+    # settings (DP_USER_NOISE, say) in os.environ.
+    for var in ServerSettings.env_names().values():
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("BUCKET", store.bucket)
     monkeypatch.setenv("S3_ENDPOINT_URL", s3_endpoint)
     for name, value in {
