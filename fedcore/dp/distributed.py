@@ -9,7 +9,15 @@ integer units per real unit and m = ``expected_survivors``. Skellam is closed
 under addition, so any s >= m survivors' noises sum to Skellam noise of
 variance s/m times the target: the sum always carries at least noise std z*C
 (the DP-FedAvg calibration of McMahan et al. 2018), and the release's epsilon
-is computed from the variance actually present (``release``).
+is computed from the variance actually present (``release``). Fewer than m
+survivors would carry less noise than the config promises, so the cohort's
+minimum is m (``fedcore.server.formation``): such a cohort aborts and
+releases nothing, and every release's epsilon is at most ``target_epsilon``.
+
+Neighbouring relation: **zero-out**. The weight slot carries no noise and the
+survivor count is published with every release, so the guarantee is between
+two cohorts that differ in one user's delta being replaced by zeros, not in
+whether that user took part (add/remove).
 
 The noise comes from a Philox generator keyed with 256 bits from the OS
 (``secure_generator``): cryptographically seeded, never numpy's default seed.
@@ -37,11 +45,20 @@ from fedcore.secagg.quantize import Quantizer
 MECHANISM = "skellam"
 TAIL_SIGMAS = 12  # headroom, in noise standard deviations, against wrapping mod 2^32
 NOISE_STD_UNITS = 2**16  # the target noise's standard deviation, in integer code units
+# What a release's (epsilon, delta) is between: one user's delta replaced by zeros. Not
+# add/remove: the weight slot (the survivor count) is published without noise.
+NEIGHBOURING = "zero-out"
 
 
 @dataclass(frozen=True)
 class DistributedDP:
-    """Fixed in the cohort config; members and the function derive the same numbers."""
+    """Fixed in the cohort config; members and the function derive the same numbers.
+
+    Each release is (epsilon, delta)-DP for **zero-out** neighbours (one user's
+    delta replaced by zeros; the survivor count is public), with epsilon at most
+    ``target_epsilon`` as long as at least ``expected_survivors`` members survive,
+    which the cohort's minimum enforces.
+    """
 
     clip: float  # C: L2 bound of each member's delta
     noise_multiplier: float  # z: the sum carries noise std z * C per coordinate
@@ -149,8 +166,57 @@ class DistributedDP:
         codes = float(count * self.levels // 2) + offset.astype(np.float64)
         return codes * self.step - count * self.clip
 
+    def decode_checked(self, total: np.ndarray, count: int) -> np.ndarray:
+        """The noisy mean of ``count`` members' clipped deltas, if honest members could
+        have produced ``total``; ValueError (the cohort aborts) otherwise.
+
+        Honest bounds: each member's codes lie in [0, levels] before its noise, so the
+        sum's offset from the centre is at most ``count * levels / 2`` plus the noise,
+        which we allow ``TAIL_SIGMAS`` standard deviations of the ``count`` survivors'
+        Skellam sum. The mean of deltas each clipped to C has L2 norm at most C; with
+        stochastic rounding (< 1 step per coordinate) and the noise of the mean (std
+        sigma per coordinate, norm at most sigma * (sqrt(d) + TAIL_SIGMAS) but with
+        probability about exp(-TAIL_SIGMAS^2 / 2)), the released mean's L2 norm is at
+        most C + step * sqrt(d) + sigma * (sqrt(d) + TAIL_SIGMAS).
+        """
+        centre = count * self.levels // 2
+        offset = (np.asarray(total[:-1], dtype=np.uint32) - np.uint32(centre % 2**32)).view(
+            np.int32
+        )
+        noise_std = math.sqrt(count * self.member_variance)  # integer code units
+        limit = count * self.levels / 2 + 1 + TAIL_SIGMAS * noise_std
+        if (over := int(np.count_nonzero(np.abs(offset.astype(np.int64)) > limit))) > 0:
+            raise ValueError(
+                f"{over} coordinates of the sum lie beyond what {count} members' codes "
+                f"and noise can produce (|offset| <= {limit:.6g} code units)"
+            )
+        mean = self.decode_sum(total, count) / count
+        dim = mean.size
+        sigma = noise_std * self.step / count
+        bound = self.clip + self.step * math.sqrt(dim) + sigma * (math.sqrt(dim) + TAIL_SIGMAS)
+        norm = float(np.linalg.norm(mean))
+        if not norm <= bound:
+            raise ValueError(
+                f"mean update's L2 norm {norm:.6g} exceeds the honest bound {bound:.6g} "
+                f"(clip {self.clip} plus rounding and noise)"
+            )
+        return mean
+
+    def target_epsilon(self, dim: int) -> float:
+        """The per-release epsilon the config promises: the one at ``expected_survivors``.
+
+        Formation sets the cohort's minimum to ``expected_survivors``, so every
+        release has at least that much noise and an epsilon at most this.
+        """
+        return float(self.release(self.expected_survivors, dim)["epsilon"])
+
     def release(self, survivors: int, dim: int) -> dict[str, Any]:
-        """The guarantee of one cohort sum with ``survivors`` members' noise in it."""
+        """The guarantee of one cohort sum with ``survivors`` members' noise in it.
+
+        Zero-out neighbours: the weight slot carries no noise and the survivor count
+        is published, so the (epsilon, delta) holds between cohorts that differ in one
+        user's delta replaced by zeros, not in that user's presence.
+        """
         variance = survivors * self.member_variance
         l2, l1 = self.sensitivity(dim)
         orders = rdp.INTEGER_ORDERS
@@ -158,6 +224,7 @@ class DistributedDP:
         eps, order = rdp.epsilon(orders, curve, self.delta)
         return {
             "mechanism": MECHANISM,
+            "neighbouring": NEIGHBOURING,
             "clip": self.clip,
             "noise_multiplier": self.noise_multiplier,
             "effective_noise_multiplier": math.sqrt(variance) * self.step / self.clip,

@@ -10,6 +10,7 @@ treats its sender as a dropout.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
@@ -85,8 +86,18 @@ def weighted_mean(
     check: MetaCheck,
     concurrency: int = 4,
     cohort_id: str | None = None,
+    clip: float | None = None,
+    weight_cap: int | None = None,
 ) -> MeanResult:
-    """FedAvg's sample-weighted mean of the updates at ``uploads`` ((client, key) pairs)."""
+    """FedAvg's sample-weighted mean of the updates at ``uploads`` ((client, key) pairs).
+
+    Bounded influence of one member: with ``clip``, each member's delta is scaled down
+    to L2 norm ``clip`` before it is averaged, so the mean's norm is at most ``clip``
+    whatever the weights (a convex combination); with ``weight_cap``, a member's weight
+    is min(num_samples, weight_cap), as under secure aggregation, so no declared sample
+    count outweighs ``weight_cap`` honest ones. A member whose delta is not finite
+    (or whose norm overflows) is rejected and counted as a dropout.
+    """
     acc = {name: np.zeros(shape, dtype=np.float64) for name, (_, shape) in schema.items()}
     result = MeanResult(mean={}, total_weight=0, included=[])
 
@@ -106,9 +117,26 @@ def weighted_mean(
                 extra={"cohort_id": cohort_id, "client_id": client, "key": key, "reason": str(exc)},
             )
             return
-        for name, arr in delta.items():
-            acc[name] += meta.num_samples * arr.astype(np.float64)
-        result.total_weight += meta.num_samples
+        wide = {name: arr.astype(np.float64) for name, arr in delta.items()}
+        norm = math.sqrt(sum(float(np.dot(a.ravel(), a.ravel())) for a in wide.values()))
+        if not math.isfinite(norm):
+            why = f"{key}: update is not finite (L2 norm {norm})"
+            result.rejected[client] = why
+            log.warning(
+                "update rejected; treated as a dropout",
+                extra={"cohort_id": cohort_id, "client_id": client, "key": key, "reason": why},
+            )
+            return
+        scale = clip / norm if clip is not None and norm > clip else 1.0
+        if scale < 1.0:
+            log.info(
+                "update scaled down to the server's L2 clip",
+                extra={"cohort_id": cohort_id, "client_id": client, "norm": norm, "clip": clip},
+            )
+        weight = meta.num_samples if weight_cap is None else min(meta.num_samples, weight_cap)
+        for name, arr in wide.items():
+            acc[name] += (weight * scale) * arr
+        result.total_weight += weight
         result.included.append(client)
         result.losses[client] = float(meta.loss)
 

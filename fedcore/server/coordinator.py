@@ -33,6 +33,7 @@ from fedcore import layout
 from fedcore.errors import IntegrityError, NotFoundError, UnknownKeyError
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Manifest, Result
+from fedcore.metrics import MetricSink
 from fedcore.server.cache import PREFETCH_CONCURRENCY, Cache
 from fedcore.server.finalize import CohortMean, Finalizer
 from fedcore.server.formation import Formation, Waiting
@@ -42,7 +43,6 @@ from fedcore.server.sweep import Sweeper
 from fedcore.server.vocabulary import (
     PHASES,
     CohortAborted,
-    MetricSink,
     Outcome,
     kind_phase,
     no_metrics,

@@ -9,14 +9,18 @@
                state/result.json            (record: written after the commit)
 
 A cohort that cannot produce a mean (too few valid inputs, a sum that cannot be
-unmasked safely) raises ``CohortAborted``; the coordinator catches it in one place
-and calls ``abort``, which records it.
+unmasked safely, a decoded sum or mean outside what honest members can produce)
+raises ``CohortAborted``; the coordinator catches it in one place and calls
+``abort``, which records it. The bounds (``secure.decode_mean``,
+``DistributedDP.decode_checked``, the plaintext clip) are checked before the
+commit, so an out-of-bounds cohort is never applied.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,20 +32,31 @@ from fedcore import layout
 from fedcore.codec import UpdateMeta
 from fedcore.errors import (
     AlreadyExistsError,
+    FedError,
     IntegrityError,
     NonFiniteModelError,
     NotFoundError,
 )
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Manifest, Mode, Result, dumps
+from fedcore.metrics import (
+    AGGREGATE_SECONDS,
+    BYTES_READ,
+    COHORTS_ABORTED,
+    COHORTS_APPLIED,
+    DROPOUTS,
+    PHASE_SECONDS,
+    STALENESS,
+    MetricSink,
+)
 from fedcore.secagg import crypto
-from fedcore.server import secure
+from fedcore.server import phases, secure
 from fedcore.server.aggregate import weighted_mean
 from fedcore.server.apply import apply_cohort, find_applied
 from fedcore.server.cache import Cache, Schema
 from fedcore.server.formation import delete_checkins
 from fedcore.server.settings import ServerSettings
-from fedcore.server.vocabulary import PHASES, CohortAborted, MetricSink, Outcome, secagg_params
+from fedcore.server.vocabulary import PHASES, CohortAborted, Outcome, secagg_params
 from fedcore.storage import ObjectStore
 from fedcore.versions import advance_pointer, read_meta
 
@@ -108,7 +123,7 @@ class Finalizer:
             concurrency=self.settings.read_concurrency,
             cohort_id=cid,
         )
-        self.metric("BytesRead", result.bytes_read, "Bytes")
+        self.metric(BYTES_READ, result.bytes_read, "Bytes")
         valid = {c: present[c] for c in result.included}
         key = layout.sum_key(cid, secure.sum_digest(result.included))
         # AlreadyExists: a concurrent close summed the same member set (same bytes).
@@ -139,6 +154,7 @@ class Finalizer:
             mean = self.secure_mean(cfg, schema)
         else:
             mean = self.plain_mean(cfg, last, schema)
+        mean.rejected.update(self.refused_by_size(cfg))
         return self.apply(cfg, mean, started)
 
     def apply(self, cfg: CohortConfig, mean: CohortMean, started: float) -> Outcome:
@@ -160,12 +176,12 @@ class Finalizer:
         except NonFiniteModelError as exc:  # never committed: the cohort ends, with why
             raise CohortAborted(str(exc)) from exc
         if not applied.already:
-            self.metric("CohortsApplied", 1, "Count")
-            self.metric("Staleness", applied.staleness, "Count")
-            self.metric("Dropouts", len(cfg.members) - len(mean.included), "Count")
-            self.metric("AggregateSeconds", self.clock() - started, "Seconds")
+            self.metric(COHORTS_APPLIED, 1, "Count")
+            self.metric(STALENESS, applied.staleness, "Count")
+            self.metric(DROPOUTS, len(cfg.members) - len(mean.included), "Count")
+            self.metric(AGGREGATE_SECONDS, self.clock() - started, "Seconds")
             for name, secs in self.phase_durations(cfg).items():  # KeysPhaseSeconds, ...
-                self.metric(f"{name.capitalize()}PhaseSeconds", secs, "Seconds")
+                self.metric(PHASE_SECONDS[Phase(name)], secs, "Seconds")
         log.info(
             "cohort applied",
             extra={
@@ -220,14 +236,26 @@ class Finalizer:
                 raise IntegrityError(f"{where}: mode {meta.mode!r}, cohort's is {cfg.mode.value!r}")
 
         keys = [(c, layout.member_key(cid, Kind.PLAIN, c)) for c in manifest.members]
+        clip = self.plaintext_clip(schema)
         mean = weighted_mean(
             self.store, keys, schema=schema, check=check,
             concurrency=self.settings.read_concurrency, cohort_id=cid,
+            clip=clip, weight_cap=self.settings.secagg_weight_cap,
         )  # fmt: skip
-        self.metric("BytesRead", mean.bytes_read, "Bytes")
+        self.metric(BYTES_READ, mean.bytes_read, "Bytes")
         if len(mean.included) < cfg.min_members:
             raise CohortAborted(
                 f"{len(mean.included)} valid inputs < minimum {cfg.min_members}", mean.rejected
+            )
+        # A convex combination of deltas each clipped to L2 `clip` has norm <= clip; the
+        # float32 cast of the mean adds a relative error of ~1e-7.
+        norm = math.sqrt(
+            sum(float(np.sum(np.square(v, dtype=np.float64))) for v in mean.mean.values())
+        )
+        if not norm <= clip * (1 + 1e-5):
+            raise CohortAborted(
+                f"mean update's L2 norm {norm:.6g} exceeds the clip {clip:.6g}; not applied",
+                mean.rejected,
             )
         losses = list(mean.losses.values())
         return CohortMean(
@@ -237,6 +265,17 @@ class Finalizer:
             rejected=mean.rejected,
             metrics={"train_loss": sum(losses) / len(losses)},
         )
+
+    def plaintext_clip(self, schema: Schema) -> float:
+        """The L2 bound of each plaintext member's delta (``PLAINTEXT_CLIP``).
+
+        0 means the bound secure mode gives an honest member: every coordinate of
+        its weighted delta within ``SECAGG_CLIP``, i.e. L2 at most clip * sqrt(d).
+        """
+        if self.settings.plaintext_clip > 0:
+            return self.settings.plaintext_clip
+        dim = sum(int(np.prod(shape)) for _, shape in schema.values())
+        return self.settings.secagg_clip * math.sqrt(dim)
 
     def closed_manifests(self, cfg: CohortConfig) -> dict[Phase, Manifest]:
         """Every phase's manifest of a cohort whose last phase closed (each closed before it)."""
@@ -254,6 +293,12 @@ class Finalizer:
         params = secagg_params(cfg)
         manifests = self.closed_manifests(cfg)
         _, u2, u3, u4 = (manifests[p].members for p in PHASES[Mode.SECAGG])
+        if cfg.dp is not None and len(u3) < cfg.dp.expected_survivors:
+            # Formation's minimum, checked again before anything is unmasked.
+            raise CohortAborted(
+                f"{len(u3)} survivors < {cfg.dp.expected_survivors}, the count the DP noise "
+                "is sized for: releasing would exceed the per-release epsilon"
+            )
         inputs, unmask = manifests[Phase.INPUTS], manifests[Phase.UNMASK]
         # The model-sized sum downloads while the reveals are fetched and verified.
         background = ThreadPoolExecutor(max_workers=1)
@@ -281,11 +326,16 @@ class Finalizer:
             if (dp := cfg.dp) is not None:
                 mean = secure.decode_dp_mean(total, dp=dp, count=len(u3), schema=schema)
                 weight = len(u3) / params.weight_cap  # members count equally under DP
-                privacy = {"user_level": dp.release(len(u3), length - 1)}
+                release = dp.release(len(u3), length - 1)
+                privacy = {
+                    "user_level": {**release, "target_epsilon": dp.target_epsilon(length - 1)}
+                }
             else:
                 mean, weight = secure.decode_mean(
                     total, params=params, count=len(u3), schema=schema
                 )
+        except secure.BoundsError as exc:
+            raise CohortAborted(f"sum out of honest bounds, not applied: {exc}") from exc
         except (secure.UnmaskError, IntegrityError, NotFoundError) as exc:
             raise CohortAborted(f"cannot unmask: {exc}") from exc
         for client, why in flagged.items():
@@ -314,11 +364,21 @@ class Finalizer:
         log.warning(
             "cohort aborted", extra={"cohort_id": cfg.cohort_id, "reason": reason, "phase": "abort"}
         )
-        self.metric("CohortsAborted", 1, "Count")
-        self.record(
-            Result(cfg.cohort_id, "aborted", None, reason, [], aborted.rejected, self.clock()), cfg
-        )
+        self.metric(COHORTS_ABORTED, 1, "Count")
+        rejected = {**aborted.rejected, **self.refused_by_size(cfg)}
+        self.record(Result(cfg.cohort_id, "aborted", None, reason, [], rejected, self.clock()), cfg)
         return Outcome.ABORTED
+
+    def refused_by_size(self, cfg: CohortConfig) -> dict[str, str]:
+        """Members whose object a close refused by size, with the reason (for ``rejected``)."""
+        try:
+            return phases.refused_by_size(self.store, self.cache, cfg)
+        except FedError as exc:  # the result still gets written, with the reasons known
+            log.warning(
+                "could not list refused objects",
+                extra={"cohort_id": cfg.cohort_id, "reason": str(exc)},
+            )
+            return {}
 
     def record(self, result: Result, cfg: CohortConfig) -> None:
         """Write the write-once result (a second writer's identical result is dropped)."""

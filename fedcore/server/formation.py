@@ -25,11 +25,12 @@ from fedcore.errors import (
 )
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Mode, encode_config, parse_checkin
+from fedcore.metrics import COHORTS_FORMED, MetricSink
 from fedcore.secagg import crypto
 from fedcore.secagg.protocol import DOMAIN_CHECKIN, SecAggParams
 from fedcore.server.cache import Cache
 from fedcore.server.settings import ServerSettings
-from fedcore.server.vocabulary import PHASES, MetricSink
+from fedcore.server.vocabulary import PHASES
 from fedcore.storage import ObjectInfo, ObjectStore
 from fedcore.versions import find_head
 
@@ -141,6 +142,11 @@ class Formation:
         else:
             phase_s = {}
         phase_s[Phase.INPUTS.value] = s.round_deadline_s
+        min_members = min(s.min_cohort_size, len(chosen))
+        if dp is not None:
+            # The noise is sized for expected_survivors: fewer would release a larger
+            # epsilon than the config promises, so they abort instead (nothing released).
+            min_members = max(min_members, dp.expected_survivors)
         identities = (
             {w.client_id: crypto.b64(self.cache.identity(w.client_id)) for w in chosen}
             if mode is Mode.SECAGG
@@ -152,7 +158,7 @@ class Formation:
             base_version=base,
             members={w.client_id: w.nonce for w in chosen},
             mode=mode,
-            min_members=min(s.min_cohort_size, len(chosen)),
+            min_members=min_members,
             created_at=now,
             phase_s=phase_s,
             server_lr=s.server_lr,
@@ -194,7 +200,7 @@ class Formation:
                 continue  # another invocation took this id: re-list and try the next
             self.cache.remember_config(cfg)
             formed.append(cid)
-            self.metric("CohortsFormed", 1, "Count")
+            self.metric(COHORTS_FORMED, 1, "Count")
             log.info(
                 "cohort formed",
                 extra={

@@ -15,13 +15,19 @@ from collections.abc import Callable
 
 from fedcore import layout
 from fedcore.codec import max_update_bytes
-from fedcore.errors import AlreadyExistsError, IntegrityError, NotFoundError, UnknownKeyError
+from fedcore.errors import (
+    AlreadyExistsError,
+    FedError,
+    IntegrityError,
+    NotFoundError,
+    UnknownKeyError,
+)
 from fedcore.layout import Kind, Phase
 from fedcore.messages import MAX_MESSAGE_BYTES, CohortConfig, Manifest, Mode, dumps
 from fedcore.secagg import admission
 from fedcore.server import secure
 from fedcore.server.cache import Cache
-from fedcore.server.vocabulary import CohortAborted, Outcome, kind_phase, phase_kind
+from fedcore.server.vocabulary import PHASES, CohortAborted, Outcome, kind_phase, phase_kind
 from fedcore.storage import ObjectStore
 
 # fedcore.server.coordinator's logger: the log lines read as they did before the split.
@@ -77,12 +83,26 @@ class Phases:
             return Outcome.REJECTED
         if (closed := self.cache.manifest(cid, phase)) is not None:
             if client not in closed.members:
+                if self.refused_by_cap(cfg, phase, key):
+                    # The close refused it by size and logged why; it is not late.
+                    return Outcome.REJECTED
                 log.warning("late object after the phase closed; not counted", extra=extra)
                 return Outcome.LATE
             return Outcome.NOOP  # a re-delivered event for an object already counted
         if set(self.present(cid, cfg, phase, expected)) >= set(expected):
             return self.close_phase(cid, phase, "all-members")
         return Outcome.WAITING
+
+    def refused_by_cap(self, cfg: CohortConfig, phase: Phase, key: str) -> bool:
+        """Whether the object at ``key`` is over the phase's size cap (one HEAD, late objects only)."""
+        size = self.cache.size(key)
+        if not size:
+            try:
+                info = self.store.head(key)
+            except FedError:
+                return False  # cannot tell: say "late", as before
+            size = info.size if info is not None else 0
+        return size > self.size_cap(cfg, phase)
 
     def present(
         self, cid: str, cfg: CohortConfig, phase: Phase, expected: list[str]
@@ -105,12 +125,7 @@ class Phases:
 
     def size_cap(self, cfg: CohortConfig, phase: Phase) -> int:
         """The largest object an honest member can write in ``phase`` (derived from the model)."""
-        if phase is not Phase.INPUTS:
-            return MAX_MESSAGE_BYTES
-        schema = self.cache.schema(cfg.base_version)
-        if cfg.mode is Mode.PLAINTEXT:
-            return max_update_bytes(schema)
-        return max_update_bytes({"masked": ("U32", (secure.vector_length(schema),))}, "U32")
+        return size_cap(self.cache, cfg, phase)
 
     def within_cap(
         self, cfg: CohortConfig, phase: Phase, present: dict[str, str]
@@ -126,8 +141,7 @@ class Phases:
                     "member object rejected; treated as a dropout",
                     extra={
                         "cohort_id": cfg.cohort_id, "client_id": client, "phase": phase.value,
-                        "key": key, "reason": f"{key}: object of {size} bytes exceeds the "
-                        f"{cap}-byte cap for this phase (not downloaded)",
+                        "key": key, "reason": over_cap_reason(key, size, cap),
                     },
                 )  # fmt: skip
                 continue
@@ -200,6 +214,10 @@ class Phases:
     ) -> Outcome:
         """What a closed phase means: the cohort goes on, or it aborts below its minimum."""
         minimum = 1 if phase is Phase.UNMASK else cfg.min_members
+        if cfg.dp is not None and phase is not Phase.UNMASK:
+            # Formation sets this minimum; a config that does not (an older function's)
+            # must still not release with less noise than the config promises.
+            minimum = max(minimum, cfg.dp.expected_survivors)
         if len(manifest.members) < minimum:
             if not won and self.cache.result(cfg.cohort_id) is not None:
                 return Outcome.NOOP  # a redelivered event; the abort is already recorded
@@ -207,3 +225,40 @@ class Phases:
                 f"{phase.value}: {len(manifest.members)} valid members < minimum {minimum}"
             )
         return Outcome.CLOSED if won else Outcome.NOOP
+
+
+def size_cap(cache: Cache, cfg: CohortConfig, phase: Phase) -> int:
+    """The largest object an honest member can write in ``phase`` (derived from the model)."""
+    if phase is not Phase.INPUTS:
+        return MAX_MESSAGE_BYTES
+    schema = cache.schema(cfg.base_version)
+    if cfg.mode is Mode.PLAINTEXT:
+        return max_update_bytes(schema)
+    return max_update_bytes({"masked": ("U32", (secure.vector_length(schema),))}, "U32")
+
+
+def over_cap_reason(key: str, size: int, cap: int) -> str:
+    return (
+        f"{key}: object of {size} bytes exceeds the {cap}-byte cap for this phase (not downloaded)"
+    )
+
+
+def refused_by_size(store: ObjectStore, cache: Cache, cfg: CohortConfig) -> dict[str, str]:
+    """Member -> why, for every member object of the cohort that a close refused by size.
+
+    The manifests name only the members counted; re-listing (one LIST per phase) lets
+    the result's ``rejected`` map give these refusals their reason, as for every other.
+    """
+    out: dict[str, str] = {}
+    for phase in PHASES[cfg.mode]:
+        cap = size_cap(cache, cfg, phase)
+        for info in store.list(layout.member_prefix(cfg.cohort_id, phase_kind(phase, cfg.mode))):
+            if info.size <= cap:
+                continue
+            try:
+                client = layout.parse_key(info.key).client_id
+            except UnknownKeyError:
+                continue
+            if client in cfg.members:
+                out.setdefault(client, over_cap_reason(info.key, info.size, cap))
+    return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -242,6 +243,13 @@ def remove_masks_threaded(
     return total
 
 
+class BoundsError(UnmaskError):
+    """The unmasked sum is outside what the counted members' honest encoders can produce.
+
+    Raised before anything is committed: the cohort aborts and nothing is applied.
+    """
+
+
 def decode_mean(
     total: np.ndarray,
     *,
@@ -249,12 +257,44 @@ def decode_mean(
     count: int,
     schema: Mapping[str, tuple[str, tuple[int, ...]]],
 ) -> tuple[dict[str, np.ndarray], float]:
-    """Weighted mean update and total weight from the unmasked sum of [w*delta, w] codes."""
-    sums = params.quantizer().dequantize_sum(total, count)
+    """Weighted mean update and total weight from the unmasked sum of [w*delta, w] codes.
+
+    Checks, before decoding, that the sum is one ``count`` honest members can produce
+    (``BoundsError`` otherwise):
+
+    - codes: each member's quantizer emits codes in [0, levels] and ``bits_for(n)``
+      keeps ``count * levels`` below 2^32, so every coordinate of the sum, the weight
+      slot included, lies in [0, count * levels];
+    - weight: each member's weight is min(samples, cap) / cap in [1/cap, 1], clipped
+      by the quantizer to the clip and rounded by less than one step, so the total
+      lies in count * [min(1/cap, clip) - step, min(1, clip) + step];
+    - L2: every coordinate of each member's w*delta is clipped to [-clip, clip], so
+      the mean's coordinates are at most count * clip / W and its L2 norm at most
+      sqrt(d) * count * clip / W (d parameters, W the decoded total weight). That is
+      all the code guarantees without DP: the quantizer bounds coordinates, not
+      norms, so this check follows from the two above and guards the decoding.
+    """
+    q = params.quantizer()
+    limit = count * q.levels
+    if (over := int(np.count_nonzero(total > limit))) > 0:
+        raise BoundsError(
+            f"{over} coordinates of the sum exceed {count} members' code range [0, {limit}]"
+        )
+    sums = q.dequantize_sum(total, count)
     weight = float(sums[-1])
-    if not weight > 0:
-        raise UnmaskError(f"decoded total weight {weight} is not positive")
-    return unflatten(sums[:-1] / weight, schema), weight
+    low = count * (min(1.0 / params.weight_cap, params.clip) - q.step)
+    high = count * (min(1.0, params.clip) + q.step)
+    if not (weight > 0 and low <= weight <= high):
+        raise BoundsError(
+            f"decoded total weight {weight:.6g} is outside [{low:.6g}, {high:.6g}], "
+            f"what {count} honest members can declare"
+        )
+    mean = sums[:-1] / weight
+    norm = float(np.linalg.norm(mean))
+    bound = math.sqrt(mean.size) * count * (params.clip + q.step) / weight
+    if not norm <= bound * (1 + 1e-9):
+        raise BoundsError(f"mean update's L2 norm {norm:.6g} exceeds the honest bound {bound:.6g}")
+    return unflatten(mean, schema), weight
 
 
 def decode_dp_mean(
@@ -267,11 +307,17 @@ def decode_dp_mean(
     """Unweighted mean of ``count`` members' clipped, noised deltas (user-level DP).
 
     Every member's weight slot must hold the code of 1: a member that claims a
-    larger weight would escape the clip, so the cohort aborts instead.
+    larger weight would escape the clip, so the cohort aborts instead. The sum's
+    codes and the mean's L2 norm must be ones ``count`` honest members can produce
+    (``DistributedDP.check_sum``; ``BoundsError`` otherwise).
     """
     if int(total[-1]) != (count * dp.weight_code) % 2**32:
-        raise UnmaskError("weight slot is not the survivor count: some member did not use weight 1")
-    return unflatten(dp.decode_sum(total, count) / count, schema)
+        raise BoundsError("weight slot is not the survivor count: some member did not use weight 1")
+    try:
+        mean = dp.decode_checked(total, count)
+    except ValueError as exc:
+        raise BoundsError(str(exc)) from None
+    return unflatten(mean, schema)
 
 
 def unflatten(

@@ -9,6 +9,7 @@ so a new setting cannot reach one of them and miss another.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -75,8 +76,13 @@ class ServerSettings:
     # L2 bound C of each member's delta under user-level DP.
     dp_user_clip: float = setting(1.0, "DP_USER_CLIP")
     dp_delta: float = setting(1e-5, "DP_DELTA")
-    # Sample count that maps to FedAvg weight 1 (larger counts are capped).
+    # Sample count that maps to FedAvg weight 1 (larger counts are capped); plaintext
+    # caps each member's weight at the same count.
     secagg_weight_cap: int = setting(10_000, "SECAGG_WEIGHT_CAP")
+    # Plaintext: L2 bound of each member's delta, applied by the function. 0: the bound
+    # secure mode gives, SECAGG_CLIP * sqrt(number of parameters) (every coordinate
+    # within the clip).
+    plaintext_clip: float = setting(0.0, "PLAINTEXT_CLIP")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "server_optimizer", ServerOptimizer(self.server_optimizer))
@@ -88,6 +94,8 @@ class ServerSettings:
             raise ValueError(f"staleness_weight must be one of {sorted(STALENESS_WEIGHTS)}")
         if not 0.0 <= self.secagg_max_dropout < 0.5:
             raise ValueError("secagg_max_dropout must be in [0, 0.5)")
+        if not (self.plaintext_clip >= 0 and math.isfinite(self.plaintext_clip)):
+            raise ValueError("plaintext_clip must be finite and >= 0 (0: from secagg_clip)")
         if self.dp_user_noise < 0 or self.dp_user_clip <= 0 or not 0 < self.dp_delta < 1:
             raise ValueError("need dp_user_noise >= 0, dp_user_clip > 0 and 0 < dp_delta < 1")
         if self.dp_user_noise > 0 and self.mode != "secagg":

@@ -8,15 +8,13 @@ words that were logged before (``Outcome.CLOSED == "closed"``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from enum import StrEnum
 
 from fedcore.errors import FedError, ProtocolError
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Mode
 from fedcore.secagg.protocol import SecAggParams
-
-MetricSink = Callable[[str, float, str], None]
 
 PHASES: dict[Mode, tuple[Phase, ...]] = {
     Mode.PLAINTEXT: (Phase.INPUTS,),

@@ -294,10 +294,13 @@ def test_hostile_objects_are_rejected_as_dropouts(
 def test_user_level_dp_noise_survives_dropouts_and_is_accounted(
     s3_endpoint: str, store: S3Store
 ) -> None:
-    """GIVEN user-level distributed DP (z = 0.5, C = 1) sized for 10% dropouts WHEN 2 of 10
-    members vanish after sharing keys THEN the cohort applies the unweighted mean of the 8
-    survivors' clipped deltas plus noise of std z*C*sqrt(8/9)/8, and the version's metadata
-    states the mechanism, the survivors and the epsilon of that release."""
+    """GIVEN user-level distributed DP (z = 0.5, C = 1) sized for 10% dropouts WHEN 1 of 10
+    members vanishes after sharing keys THEN the cohort applies the unweighted mean of the 9
+    survivors' clipped deltas plus noise of std z*C/9, and the version's metadata states
+    the mechanism, the zero-out neighbouring relation, the survivors and the epsilon of
+    that release, at most the config's per-release target. (Two dropouts would leave 8,
+    below the 9 the noise is sized for: that cohort aborts,
+    ``tests/hostile/test_bounds.py::test_user_level_dp_with_too_few_survivors_aborts_unreleased``.)"""
     seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
     settings = {
         "mode": "secagg", "cohort_size": N, "min_cohort_size": 5, "short_round_s": ROUND_S,
@@ -309,17 +312,18 @@ def test_user_level_dp_noise_survives_dropouts_and_is_accounted(
         endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, sweep_interval_s=SWEEP_S,
         clock=ManualClock(),
     ) as st:  # fmt: skip
-        cfg, _ = run_cohort(st, store, 0, {c: "shares" for c in clients[:2]})
-    assert cfg.dp.expected_survivors == 9
-    survivors = clients[2:]
+        cfg, _ = run_cohort(st, store, 0, {c: "shares" for c in clients[:1]})
+    assert cfg.dp.expected_survivors == 9 and cfg.min_members == 9
+    survivors = clients[1:]
     res = participant(store, "s00").result(cfg.cohort_id)
     assert res is not None and res.status == "applied" and res.included == survivors
     new, meta, _ = load_model(store, res.version)
     user = meta.metrics["privacy"]["user_level"]
-    assert user["mechanism"] == "skellam" and user["survivors"] == 8
-    assert user["effective_noise_multiplier"] == pytest.approx(0.5 * (8 / 9) ** 0.5, rel=1e-6)
-    assert 0 < user["epsilon"] < math.inf and user["delta"] == 1e-5
-    sigma = 0.5 * (8 / 9) ** 0.5 / 8  # noise std of the mean, per coordinate
+    assert user["mechanism"] == "skellam" and user["survivors"] == 9
+    assert user["neighbouring"] == "zero-out"
+    assert user["effective_noise_multiplier"] == pytest.approx(0.5, rel=1e-6)
+    assert 0 < user["epsilon"] <= user["target_epsilon"] < math.inf and user["delta"] == 1e-5
+    sigma = 0.5 / 9  # noise std of the mean, per coordinate
     for k in TINY:
         clipped = []
         for c in survivors:

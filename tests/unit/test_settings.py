@@ -32,7 +32,7 @@ def test_from_env_reads_every_variable_by_its_field_type() -> None:
         "staleness_weight": "inverse", "mode": "secagg", "read_concurrency": 2,
         "short_round_s": 12.0, "secagg_clip": 2.0, "secagg_degree": 3,
         "secagg_max_dropout": 0.2, "dp_user_noise": 1.5, "dp_user_clip": 0.5,
-        "dp_delta": 1e-6, "secagg_weight_cap": 100,
+        "dp_delta": 1e-6, "secagg_weight_cap": 100, "plaintext_clip": 5.0,
         "server_optimizer": ServerOptimizer.FEDADAM, "server_momentum": 0.5,
         "server_beta1": 0.8, "server_beta2": 0.9, "server_tau": 1e-2,
     }  # fmt: skip
