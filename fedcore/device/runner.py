@@ -184,6 +184,7 @@ class Runner:
         self.on_leave = on_leave
         self.round: SecureRound | None = None  # the open secure cohort's secrets
         self.update: Update | None = None  # trained, not yet uploaded
+        self.train_s: float | None = None  # how long training it took (reported on upload)
         self.cohort_id: str | None = None  # for the log lines' context
         self._wait: tuple[Request, float] | None = None  # the wait in progress, since when
         self._not_before = 0.0  # the wait's first look, after its jittered back-off
@@ -353,9 +354,11 @@ class Runner:
                 return Written()
             case Train():
                 self.cohort_id = action.cfg.cohort_id
+                t0 = self.clock()
                 self.update = self.local.train_update(
                     action.cfg, budget_s=self._train_budget(action)
                 )
+                self.train_s = max(0.0, self.clock() - t0)
                 return Trained(self.update.num_samples)
             case UploadMasked():
                 rnd, update = self._open_round(), self._trained()
@@ -369,8 +372,9 @@ class Runner:
             case UploadPlain():
                 update = self._trained()
                 self.p.upload_plain(
-                    action.cfg, dict(update.delta), num_samples=update.num_samples, loss=update.loss
-                )
+                    action.cfg, dict(update.delta), num_samples=update.num_samples,
+                    loss=update.loss, train_s=self.train_s,
+                )  # fmt: skip
                 self.update = None
                 return Written()
         raise TypeError(f"not a request: {action!r}")  # pragma: no cover

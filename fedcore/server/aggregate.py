@@ -75,6 +75,7 @@ class MeanResult:
     rejected: dict[str, str] = field(default_factory=dict)
     bytes_read: int = 0
     losses: dict[str, float] = field(default_factory=dict)
+    train_s: dict[str, float] = field(default_factory=dict)  # members that reported it
 
 
 def weighted_mean(
@@ -111,6 +112,8 @@ def weighted_mean(
         result.total_weight += meta.num_samples
         result.included.append(client)
         result.losses[client] = float(meta.loss)
+        if meta.train_s is not None:
+            result.train_s[client] = float(meta.train_s)
 
     for client, key, fut in stream_objects(store, uploads, concurrency=concurrency, parse=parse):
         fold(client, key, fut)

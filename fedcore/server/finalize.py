@@ -30,7 +30,7 @@ from fedcore.errors import AlreadyExistsError, IntegrityError, NotFoundError
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Manifest, Mode, Result, dumps
 from fedcore.secagg import crypto
-from fedcore.server import secure
+from fedcore.server import deadlines, secure
 from fedcore.server.aggregate import weighted_mean
 from fedcore.server.apply import apply_cohort, find_applied
 from fedcore.server.cache import Cache, Schema
@@ -226,7 +226,10 @@ class Finalizer:
             included=mean.included,
             num_samples=mean.total_weight,
             rejected=mean.rejected,
-            metrics={"train_loss": sum(losses) / len(losses)},
+            metrics={
+                "train_loss": sum(losses) / len(losses),
+                **deadlines.train_metrics(list(mean.train_s.values())),
+            },
         )
 
     def closed_manifests(self, cfg: CohortConfig) -> dict[Phase, Manifest]:

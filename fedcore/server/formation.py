@@ -28,10 +28,11 @@ from fedcore.messages import CohortConfig, Mode, encode_config, parse_checkin
 from fedcore.secagg import crypto
 from fedcore.secagg.protocol import DOMAIN_CHECKIN, SecAggParams
 from fedcore.server.cache import Cache
+from fedcore.server.deadlines import RecentTraining, inputs_deadline_s
 from fedcore.server.settings import ServerSettings
 from fedcore.server.vocabulary import PHASES, MetricSink
 from fedcore.storage import ObjectInfo, ObjectStore
-from fedcore.versions import find_head
+from fedcore.versions import find_head, read_meta
 
 # fedcore.server.coordinator's logger: the log lines read as they did before the split.
 log = logging.getLogger("fedcore.server.coordinator")
@@ -72,6 +73,7 @@ class Formation:
         self.settings = settings
         self.metric = metric
         self.clock = clock
+        self.recent = RecentTraining(lambda version: read_meta(store, version).metrics)
 
     def waiting(self, now: float) -> tuple[list[Waiting], list[str]]:
         """Untaken, unexpired check-ins (oldest per client, oldest first) and the cohort ids seen.
@@ -140,7 +142,7 @@ class Formation:
             phase_s = {p.value: s.short_round_s for p in PHASES[mode]}
         else:
             phase_s = {}
-        phase_s[Phase.INPUTS.value] = s.round_deadline_s
+        phase_s[Phase.INPUTS.value] = self.inputs_deadline_s(base)
         identities = (
             {w.client_id: crypto.b64(self.cache.identity(w.client_id)) for w in chosen}
             if mode is Mode.SECAGG
@@ -160,6 +162,16 @@ class Formation:
             dp=dp,
             staleness_weight=s.staleness_weight,
         )
+
+    def inputs_deadline_s(self, base: int) -> float:
+        """The new cohort's inputs limit: ``round_deadline_s``, or sized from what recent
+        members needed to train (``fedcore.server.deadlines``, with ``deadline_margin``)."""
+        s = self.settings
+        if s.deadline_margin <= 0:
+            return s.round_deadline_s
+        deadline = inputs_deadline_s(s, self.recent.p90s(base, s.deadline_window))
+        log.info("inputs deadline", extra={"version": base, "deadline_s": deadline})
+        return deadline
 
     def form_cohorts(self, *, allow_partial: bool = False) -> list[str]:
         """Form as many cohorts as the waiting check-ins allow; returns their ids."""

@@ -68,6 +68,13 @@ class ServerSettings:
     dp_delta: float = setting(1e-5, "DP_DELTA")
     # Sample count that maps to FedAvg weight 1 (larger counts are capped).
     secagg_weight_cap: int = setting(10_000, "SECAGG_WEIGHT_CAP")
+    # Adaptive inputs deadline: this many times the slowest of the recent cohorts' 90th
+    # percentile of reported training seconds (0: always round_deadline_s), read from the
+    # last deadline_window versions' metrics, within [deadline_min_s, deadline_max_s].
+    deadline_margin: float = setting(0.0, "DEADLINE_MARGIN")
+    deadline_min_s: float = setting(10.0, "DEADLINE_MIN_S")
+    deadline_max_s: float = setting(1800.0, "DEADLINE_MAX_S")
+    deadline_window: int = setting(5, "DEADLINE_WINDOW")
 
     def __post_init__(self) -> None:
         if self.cohort_size < 1 or not 1 <= self.min_cohort_size <= self.cohort_size:
@@ -93,6 +100,15 @@ class ServerSettings:
             or self.short_round_s <= 0
         ):
             raise ValueError("server_lr, round_deadline_s and read_concurrency must be positive")
+        if (
+            self.deadline_margin < 0
+            or not 0 < self.deadline_min_s <= self.deadline_max_s
+            or self.deadline_window < 1
+        ):
+            raise ValueError(
+                "need deadline_margin >= 0, 0 < deadline_min_s <= deadline_max_s and "
+                "deadline_window >= 1"
+            )
 
     @classmethod
     def env_names(cls) -> dict[str, str]:

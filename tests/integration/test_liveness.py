@@ -1,4 +1,4 @@
-"""Devices keep going when cohorts abort (issue 16): the real stack on moto, a ManualClock.
+"""Devices keep going on slow devices (issue 16): the real stack on moto, a ManualClock.
 
 Every member of the first cohort misses the inputs deadline (the test moves the
 stack's clock past it while they train, nothing is slept out). Before issue 16 each
@@ -6,7 +6,8 @@ device then waited for a version newer than its cohort's base, which only an app
 cohort can produce, and the population stalled at version 0. Now a device that was
 not counted (secagg: the inputs manifest leaves it out) or whose completed cohort
 aborted anyway (plaintext: it uploaded, late) checks in again at the same version,
-and the next cohort forms and applies.
+and the next cohort forms and applies. The coordinator sizes each new cohort's
+inputs deadline from the training seconds recent members reported.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ from fedcore.device import Polling, Runner, Settings, SyntheticDevice, Update, d
 from fedcore.device.machine import Leave
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig, Mode
+from fedcore.server.deadlines import TRAIN_P90
 from fedcore.storage import S3Store
-from fedcore.versions import find_head, seed
+from fedcore.versions import find_head, read_meta, seed
 from infra.stack import LocalStack
-from tests.helpers import TINY, assert_consistent, delta_for, participant, wait_until
+from tests.helpers import (
+    TINY,
+    assert_consistent,
+    delta_for,
+    join_all,
+    participant,
+    wait_until,
+)
 
 ROUND_S = 5.0  # every phase limit, on the stack's ManualClock
 CLIENTS = ("a", "b", "c")
@@ -106,3 +115,39 @@ def test_next_cohort_forms_and_applies_after_every_member_missed_the_deadline(
         st.pump.drain()
         assert st.pump.stats.dead_letters == []
         assert_consistent(store)
+
+
+def test_inputs_deadline_adapts_to_reported_training_seconds(
+    s3_endpoint: str, store: S3Store, notifications
+) -> None:  # type: ignore[no-untyped-def]
+    """GIVEN deadline_margin 2 and members that report 40 s of training THEN version 1's
+    metrics record the cohort's p90 (40) and the next cohort's inputs deadline is 80 s, not
+    the fixed 20 s: advancing the clock 20 s leaves it open, past 80 s closes it."""
+    seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
+    settings = {
+        "mode": "plaintext", "cohort_size": 2, "min_cohort_size": 2, "round_deadline_s": 20.0,
+        "deadline_margin": 2.0, "deadline_min_s": 10.0, "deadline_max_s": 300.0,
+    }  # fmt: skip
+    with LocalStack(
+        endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings,
+        sweep_interval_s=3600.0, notifications=notifications, clock=ManualClock(),
+    ) as st:  # fmt: skip
+        cfgs = join_all(store, ["a", "b"])
+        assert cfgs["a"].phase_s["inputs"] == 20.0  # nothing reported yet: the fixed one
+        for client, took in (("a", 10.0), ("b", 40.0)):
+            participant(store, client).upload_plain(
+                cfgs[client], delta_for(client), num_samples=10, loss=0.5, train_s=took
+            )
+        wait_until(lambda: find_head(store) == 1, what="version 1")
+        assert read_meta(store, 1).metrics[TRAIN_P90] == 40.0
+        cfgs = join_all(store, ["a", "b"], 1)
+        cfg = cfgs["a"]
+        assert cfg.phase_s["inputs"] == 80.0
+        participant(store, "a").upload_plain(cfg, delta_for("a"), num_samples=10, loss=0.5)
+        inputs = layout.state_key(cfg.cohort_id, Phase.INPUTS)
+        st.advance(20.0 + 1)
+        assert store.head(inputs) is None  # the fixed deadline would have closed it
+        st.advance(60.0)
+        wait_until(lambda: store.head(inputs) is not None, what="the adapted deadline")
+        st.pump.drain()
+        assert st.pump.stats.dead_letters == []
