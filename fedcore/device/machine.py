@@ -663,10 +663,12 @@ def _found(state: DeviceState, obs: CohortFound) -> Transition:
 
 
 def _admitted(state: DeviceState, obs: Allowed) -> Transition:
-    if not state.secure:
-        return replace(state, stage=Stage.TRAIN), []
+    # A config that does not name this device is not its to play, plaintext included
+    # (test_no_answer_sequence_breaks_the_safety_rules found a plaintext device training for a stranger cohort).
     if (fault := not_a_member(state.cfg, state.settings.client_id)) is not None:  # type: ignore[arg-type]
         return _abandon(state, fault)
+    if not state.secure:
+        return replace(state, stage=Stage.TRAIN), []
     return replace(state, stage=Stage.ADVERTISE), []
 
 

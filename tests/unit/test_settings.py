@@ -31,7 +31,8 @@ def test_from_env_reads_every_variable_by_its_field_type() -> None:
         "staleness_weight": "inverse", "mode": "secagg", "read_concurrency": 2,
         "short_round_s": 12.0, "secagg_clip": 2.0, "secagg_degree": 3,
         "secagg_max_dropout": 0.2, "dp_user_noise": 1.5, "dp_user_clip": 0.5,
-        "dp_delta": 1e-6, "secagg_weight_cap": 100,
+        "dp_delta": 1e-6, "secagg_weight_cap": 100, "deadline_margin": 2.0,
+        "deadline_min_s": 20.0, "deadline_max_s": 900.0, "deadline_window": 3,
     }  # fmt: skip
     assert set(changed) == set(ServerSettings.env_names())
     env = ServerSettings.env_for(changed)
