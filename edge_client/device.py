@@ -132,6 +132,7 @@ class Device:
         self.stop = stop or threading.Event()
         self.rounds = 0
         self._loss = float("nan")
+        self.train_seconds = 0.0  # of the last local training
 
     def _sleep(self, delay: float) -> None:
         self.stop.wait(
@@ -207,8 +208,9 @@ class Device:
         self.budget.save(self.privacy.state_dir)
         self.log(f"user-level epsilon spent: {self.budget.user_epsilon():.3f}")
 
-    def train_update(self, cfg: CohortConfig) -> Update:
-        """Train from ``cfg``'s base version (UnusableUpdateError if it diverged)."""
+    def train_update(self, cfg: CohortConfig, *, budget_s: float | None = None) -> Update:
+        """Train from ``cfg``'s base version (UnusableUpdateError if it diverged), as many
+        steps as fit in ``budget_s`` (the machine's time box before the inputs deadline)."""
         base = self.p.fetch_model(cfg.base_version)
         model = build(base)
         t0 = time.monotonic()
@@ -218,7 +220,10 @@ class Device:
             result = train_local_dp(
                 model, self.x, self.y, self.train, noise_multiplier=sigma,
                 max_grad_norm=sample.max_grad_norm, grad_sample_mode=sample.grad_sample_mode,
+                budget_s=budget_s,
             )  # fmt: skip
+            # Book the noised steps that ran (a time box may cut them short); the budget
+            # check before training planned the full participation.
             self.budget.sample_history.append([sigma, q, float(result.steps)])
             self.budget.save(self.privacy.state_dir)  # type: ignore[union-attr]
             self.log(
@@ -227,10 +232,17 @@ class Device:
                 f"of {sample.target_epsilon} (delta {sample.delta})"
             )
         else:
-            result = train_local(model, self.x, self.y, self.train, progress=self.log)
-        self.log(
-            f"trained {result.num_samples} samples in {time.monotonic() - t0:.1f}s, loss {result.loss:.4f}"
-        )
+            result = train_local(
+                model, self.x, self.y, self.train, progress=self.log, budget_s=budget_s
+            )
+        took = time.monotonic() - t0
+        self.train_seconds = took
+        if result.cut_short:
+            self.log(
+                f"cut local training short after {result.steps} steps ({result.num_samples} of "
+                f"{len(self.x)} samples) to meet {cfg.cohort_id}'s inputs deadline"
+            )
+        self.log(f"trained {result.num_samples} samples in {took:.1f}s, loss {result.loss:.4f}")
         delta = {k: v - base[k] for k, v in to_numpy(model).items()}
         if not all(np.isfinite(v).all() for v in delta.values()):
             raise UnusableUpdateError(

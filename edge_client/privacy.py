@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_client.train import TrainResult, TrainSettings, apply_activation, to_tensor
+from edge_client.train import StepTimer, TrainResult, TrainSettings, apply_activation, to_tensor
 from fedcore.dp.ledger import STATE_FILE, calibrate_noise
 from fedcore.dp.ledger import DeviceLedger as PrivacyState
 from fedcore.errors import BudgetExceededError
@@ -98,8 +100,14 @@ def train_local_dp(
     max_grad_norm: float,
     grad_sample_mode: str = "ghost",
     sample_rate: float | None = None,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainResult:
     """DP-SGD with Opacus: Poisson-sampled batches, per-sample clipping, Gaussian noise.
+
+    ``budget_s`` time-boxes it like ``train_local`` (at least one step); the result's
+    ``steps`` are the noised steps that ran, which the accountant books (the budget
+    check before training used the planned maximum, ``steps_per_participation``).
 
     ``sample_rate`` is the q the ledger booked for this run (``steps_per_participation``;
     derived the same way when None). Raises ``ValueError`` if Opacus' DP loader would
@@ -153,7 +161,9 @@ def train_local_dp(
     with warnings.catch_warnings():
         # Opacus' fast clipping trips a harmless torch hook warning on every backward.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _dp_epochs(private_model, opt, criterion, loader, settings, len(x))
+        return _dp_epochs(
+            private_model, opt, criterion, loader, settings, len(x), StepTimer(budget_s, clock)
+        )
 
 
 def _check_rate(loader_rate: float, booked: float) -> None:
@@ -165,12 +175,21 @@ def _check_rate(loader_rate: float, booked: float) -> None:
 
 
 def _dp_epochs(
-    model: nn.Module, opt: Any, criterion: Any, loader: Any, settings: TrainSettings, n: int
+    model: nn.Module,
+    opt: Any,
+    criterion: Any,
+    loader: Any,
+    settings: TrainSettings,
+    n: int,
+    timer: StepTimer,
 ) -> TrainResult:
-    steps, total, count = 0, 0.0, 0
+    steps, total, count, seen, cut = 0, 0.0, 0, 0, False
     for _ in range(settings.epochs):
         total, count = 0.0, 0
         for xb, yb in loader:
+            if not timer.another():
+                cut = True
+                break
             if len(xb) == 0:  # Poisson sampling can draw an empty batch
                 continue
             opt.zero_grad(set_to_none=True)
@@ -178,6 +197,10 @@ def _dp_epochs(
             loss.backward()
             opt.step()
             steps += 1
+            timer.ran()
             total += float(loss.item()) * len(xb)
             count += len(xb)
-    return TrainResult(n, total / max(1, count), steps)
+        seen += count
+        if cut:
+            break
+    return TrainResult(min(n, seen) if cut else n, total / max(1, count), steps, cut)

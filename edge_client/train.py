@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,9 +35,33 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class TrainResult:
-    num_samples: int
+    num_samples: int  # distinct samples processed (the shard, unless the time box cut it)
     loss: float  # mean training loss over the last epoch
     steps: int
+    cut_short: bool = False  # the time box stopped training before its planned steps
+
+
+class StepTimer:
+    """Whether one more step fits in ``budget_s`` (None: always), from the steps so far.
+
+    At least one step always runs; after that a step runs only if the time used so far
+    plus the mean step time so far stays within the budget. ``clock`` is injectable so
+    a test can make steps "take" any time without sleeping.
+    """
+
+    def __init__(self, budget_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget_s, self.clock = budget_s, clock
+        self.start = clock()
+        self.steps = 0
+
+    def another(self) -> bool:
+        if self.budget_s is None or self.steps == 0:
+            return True
+        used = self.clock() - self.start
+        return used + used / self.steps <= self.budget_s
+
+    def ran(self) -> None:
+        self.steps += 1
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
@@ -61,8 +86,13 @@ def train_local(
     settings: TrainSettings,
     *,
     progress: Callable[[str], None] | None = None,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainResult:
-    """E epochs of minibatch SGD over this device's shard."""
+    """E epochs of minibatch SGD over this device's shard, or as many steps as fit in
+    ``budget_s`` seconds (at least one): a slow device still contributes what it managed
+    before the inputs deadline instead of missing it. The result's ``num_samples`` (the
+    update's weight) counts the samples actually processed."""
     if len(x) == 0:
         raise ValueError("empty training shard")
     xs, ys = to_tensor(x), torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -70,12 +100,17 @@ def train_local(
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     apply_activation(model, settings)
     model.train()
-    steps = 0
+    steps = seen = 0
     epoch_loss = math.nan
+    timer = StepTimer(budget_s, clock)
+    cut = False
     for epoch in range(settings.epochs):
         order = torch.randperm(len(xs), generator=gen)
         total, count = 0.0, 0
         for start in range(0, len(xs), settings.batch_size):
+            if not timer.another():
+                cut = True
+                break
             idx = order[start : start + settings.batch_size]
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xs[idx]), ys[idx])
@@ -86,12 +121,18 @@ def train_local(
             total += loss.item() * len(idx)
             count += len(idx)
             steps += 1
-        epoch_loss = total / count
+            timer.ran()
+        seen += count
+        if count:
+            epoch_loss = total / count
         if progress:
             progress(
                 f"epoch {epoch + 1}/{settings.epochs}: loss {epoch_loss:.4f} ({count} samples)"
+                + (f", cut short after {steps} steps to meet the deadline" if cut else "")
             )
-    return TrainResult(len(xs), epoch_loss, steps)
+        if cut:
+            break
+    return TrainResult(min(len(xs), seen), epoch_loss, steps, cut)
 
 
 @torch.no_grad()

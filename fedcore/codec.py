@@ -290,9 +290,16 @@ class UpdateMeta:
     num_samples: int
     loss: float
     mode: str = "plaintext"
+    # Seconds the device's local training took (sizes later cohorts' deadlines). Optional:
+    # absent from older objects, and left out of the metadata when None, so an update
+    # without it is byte-for-byte what it was before the field existed.
+    train_s: float | None = None
 
     def to_metadata(self) -> dict[str, str]:
-        return {"format": UPDATE_FORMAT, "fedcore": json.dumps(asdict(self), sort_keys=True)}
+        doc = asdict(self)
+        if doc["train_s"] is None:
+            del doc["train_s"]
+        return {"format": UPDATE_FORMAT, "fedcore": json.dumps(doc, sort_keys=True)}
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], *, where: str) -> UpdateMeta:
@@ -312,6 +319,12 @@ class UpdateMeta:
             raise IntegrityError(f"{where}: base_version must be a non-negative integer")
         if not isinstance(out.loss, (int, float)) or not math.isfinite(out.loss):
             raise IntegrityError(f"{where}: loss must be a finite number")
+        if out.train_s is not None and (
+            not isinstance(out.train_s, (int, float))
+            or isinstance(out.train_s, bool)
+            or not 0 <= out.train_s <= 1e6
+        ):
+            raise IntegrityError(f"{where}: train_s must be a number of seconds in [0, 1e6]")
         return out
 
 

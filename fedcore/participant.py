@@ -182,14 +182,22 @@ class Participant:
 
     # -- the input round -----------------------------------------------------
     def upload_plain(
-        self, cfg: CohortConfig, delta: dict[str, np.ndarray], *, num_samples: int, loss: float
+        self,
+        cfg: CohortConfig,
+        delta: dict[str, np.ndarray],
+        *,
+        num_samples: int,
+        loss: float,
+        train_s: float | None = None,
     ) -> str:
-        """Upload a plaintext update (explicit plaintext mode only)."""
+        """Upload a plaintext update (explicit plaintext mode only); ``train_s``, the seconds
+        local training took, sizes later cohorts' deadlines (None: not reported)."""
         if cfg.mode is not Mode.PLAINTEXT:
             raise ValueError(f"cohort {cfg.cohort_id} runs {cfg.mode.value!r}, not plaintext")
         meta = UpdateMeta(
-            cfg.cohort_id, self.client_id, cfg.base_version, num_samples, float(loss), cfg.mode
-        )
+            cfg.cohort_id, self.client_id, cfg.base_version, num_samples, float(loss), cfg.mode,
+            None if train_s is None else round(float(train_s), 3),
+        )  # fmt: skip
         key = layout.member_key(cfg.cohort_id, Kind.PLAIN, self.client_id)
         self.store.put_new(key, encode_update(delta, meta), content_type="application/octet-stream")
         log.info(

@@ -27,6 +27,13 @@ for the members of a checked U2, only reveals shares after a checked U3 that
 counts it, and never acts on a manifest of another cohort, another phase or
 with strangers in it (``manifest_fault``, ``not_admitted``).
 
+After a completed participation the device waits for a version newer than
+the cohort's base (and checks in again if the cohort's result says aborted:
+``CohortAborted``); after any other way out it checks in again at the same
+version after an exponential back-off that the ``AwaitVersion`` request carries
+(``delay_s``; the runner jitters it). Local training is time-boxed: ``Train``
+carries the inputs phase's deadline less a margin for masking and the upload.
+
 Time is the driver's business: a waiting request carries its ``timeout_s``
 and the driver answers ``TimedOut`` once it has waited that long.
 """
@@ -112,6 +119,9 @@ class Settings:
     wait_for_new_version: bool = True  # never train twice from the same base
     cohort_timeout_s: float = 600.0  # how long one check-in waits for a cohort
     slack_s: float = 30.0  # beyond the cohort's summed phase limits, per phase wait
+    retry_s: float = 2.0  # first back-off before checking in again after an uncounted cohort
+    max_retry_s: float = 60.0  # the back-off doubles per retry up to this (the runner jitters it)
+    train_margin_s: float = 5.0  # of the inputs deadline kept for masking and the upload
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,13 @@ class DeviceState:
     u3: Manifest | None = None
     num_samples: int = 0  # of the trained update
     outcome: Outcome | None = None  # of the last participation
+    # After a participation that cannot have produced a version (the device was not
+    # counted, or its cohort aborted) the device checks in again at the same version;
+    # after a completed one it waits for a newer version, watching that cohort's result.
+    retry: bool = False  # the last participation produced no version: same base again
+    retries: int = 0  # consecutive such participations (the back-off's exponent)
+    backoff_s: float = 0.0  # to wait before the next look for a version (0: none)
+    watch: str | None = None  # the completed cohort whose result decides (None: none)
 
     @property
     def secure(self) -> bool:
@@ -144,6 +161,8 @@ class DeviceState:
 class AwaitVersion:
     newer_than: int  # answer with the first version above this (-1: any)
     stop_at: int = 0  # ... or at/above this one (0: none)
+    delay_s: float = 0.0  # back off this long (jittered by the runner) before the first look
+    watch: str | None = None  # answer CohortAborted if this cohort's result says aborted
 
 
 @dataclass(frozen=True)
@@ -188,8 +207,18 @@ class Share:
 
 @dataclass(frozen=True)
 class Train:
+    """Train from ``cfg``'s base version, stopping in time for the inputs deadline.
+
+    ``deadline`` is the inputs phase's close on the server's clock (seconds since the
+    epoch, from ``created_at`` or the last manifest's ``closed_at`` plus the phase
+    limits), less the machine's margin for masking and the upload; the trainer runs
+    as many steps as fit before it (at least one). None: no time box.
+    """
+
     cfg: CohortConfig
     vanish_point: DropPoint | None = None
+    deadline: float | None = None
+    budget_s: float | None = None  # the most training may take from its start
 
 
 @dataclass(frozen=True)
@@ -316,6 +345,13 @@ class Trained:
 
 
 @dataclass(frozen=True)
+class CohortAborted:
+    """The watched cohort's result says it aborted: no version will come of it."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Uploaded:
     """The masked input is in the bucket; what the upload reported."""
 
@@ -356,7 +392,7 @@ class Vanished:
 Observation = (
     Pending | Stopped | TimedOut | VersionSeen | Allowed | BudgetRefused | CheckedIn | CohortFound
     | CheckInExpired | ManifestRead | CohortEnded | Written | Trained | Uploaded | Diverged
-    | WriteConflict | Faulted | Vanished
+    | WriteConflict | Faulted | Vanished | CohortAborted
 )  # fmt: skip
 
 
@@ -403,6 +439,40 @@ def phase_wait_s(cfg: CohortConfig, slack_s: float) -> float:
     return sum(cfg.phase_s.values()) + slack_s
 
 
+def retry_backoff_s(settings: Settings, retries: int) -> float:
+    """The back-off before checking in again after ``retries`` uncounted participations in a
+    row: exponential from ``retry_s``, bounded by ``max_retry_s`` (the runner jitters it, so
+    the devices of an aborted cohort do not all check in at the same instant)."""
+    if retries < 1:
+        return 0.0
+    return min(settings.retry_s * 2.0 ** min(retries - 1, 30), settings.max_retry_s)
+
+
+def train_box(
+    cfg: CohortConfig, u1: Manifest | None, margin_s: float
+) -> tuple[float | None, float | None]:
+    """(deadline, budget_s) for local training: when the inputs phase closes at the latest
+    (server clock: ``created_at``, or U1's ``closed_at``, plus the limits of the phases up
+    to inputs) less the margin, and the inputs phase's own limit less the margin (the most
+    training may take counted from its start, since the phase before may close early).
+
+    The margin keeps time for masking and the upload: ``margin_s``, but at most 30% of the
+    inputs limit so a short round still leaves time to train. (None, None): the config
+    sets no inputs limit.
+    """
+    inputs_s = cfg.phase_s.get(Phase.INPUTS.value)
+    if inputs_s is None:
+        return None, None
+    # The sweeper's order (fedcore.server.vocabulary.PHASES): plaintext has inputs only.
+    before = (Phase.KEYS, Phase.SHARES) if cfg.mode is Mode.SECAGG else ()
+    start = cfg.created_at
+    if u1 is not None and before:
+        start, before = u1.closed_at, (Phase.SHARES,)
+    limits = inputs_s + sum(cfg.phase_s.get(p.value, 0.0) for p in before)
+    margin = min(margin_s, 0.3 * inputs_s)
+    return start + limits - margin, inputs_s - margin
+
+
 # --------------------------------------------------------------------------- the machine
 Transition = tuple[DeviceState, list[Effect]]
 
@@ -423,8 +493,16 @@ def request_for(state: DeviceState) -> Request | None:
     s, cfg = state.settings, state.cfg
     match state.stage:
         case Stage.IDLE:
-            newer = state.last_base if s.wait_for_new_version else -1
-            return AwaitVersion(newer_than=newer, stop_at=s.until_version)
+            if not s.wait_for_new_version:
+                newer = -1
+            elif state.retry:  # nothing came of the last cohort: its base version again
+                newer = state.last_base - 1
+            else:
+                newer = state.last_base
+            return AwaitVersion(
+                newer_than=newer, stop_at=s.until_version, delay_s=state.backoff_s,
+                watch=state.watch,
+            )  # fmt: skip
         case Stage.BUDGET:
             return CheckSampleBudget()
         case Stage.CHECK_IN:
@@ -447,7 +525,9 @@ def request_for(state: DeviceState) -> Request | None:
             assert state.u1 is not None
             return Share(state.u1)
         case Stage.TRAIN:
-            return Train(cfg, DropPoint.SHARES if state.secure else None)
+            deadline, budget_s = train_box(cfg, state.u1, s.train_margin_s)
+            point = DropPoint.SHARES if state.secure else None
+            return Train(cfg, point, deadline, budget_s)
         case Stage.SHARES:
             return AwaitPhase(cfg, Phase.SHARES, wait_s)
         case Stage.UPLOAD:
@@ -508,7 +588,30 @@ def _idle(state: DeviceState, obs: VersionSeen) -> Transition:
         return replace(state, stage=Stage.DONE), [
             Say(f"global model reached version {obs.version}; done")
         ]
-    return replace(state, stage=Stage.BUDGET, version=obs.version), []
+    # The wait is over: no back-off for a check-in that merely times out from here, and a
+    # newer version than the last cohort's base means the population moved on.
+    retries = 0 if obs.version > state.last_base else state.retries
+    return replace(
+        state, stage=Stage.BUDGET, version=obs.version, backoff_s=0.0, watch=None, retries=retries
+    ), []
+
+
+def _cohort_aborted(state: DeviceState, obs: CohortAborted) -> Transition:
+    """The cohort this device completed aborted after all: check in again at its base."""
+    new = _retrying(replace(state, watch=None))
+    line = (
+        f"{state.watch}: aborted ({obs.reason}); checking in again at version "
+        f"{state.last_base} in about {new.backoff_s:.0f}s"
+    )
+    return new, [Say(line)]
+
+
+def _retrying(state: DeviceState) -> DeviceState:
+    """One more participation that produced no version: same base, longer back-off."""
+    retries = state.retries + 1
+    return replace(
+        state, retry=True, retries=retries, backoff_s=retry_backoff_s(state.settings, retries)
+    )
 
 
 def _stop(state: DeviceState, obs: Stopped) -> Transition:
@@ -560,10 +663,12 @@ def _found(state: DeviceState, obs: CohortFound) -> Transition:
 
 
 def _admitted(state: DeviceState, obs: Allowed) -> Transition:
-    if not state.secure:
-        return replace(state, stage=Stage.TRAIN), []
+    # A config that does not name this device is not its to play, plaintext included
+    # (test_no_answer_sequence_breaks_the_safety_rules found a plaintext device training for a stranger cohort).
     if (fault := not_a_member(state.cfg, state.settings.client_id)) is not None:  # type: ignore[arg-type]
         return _abandon(state, fault)
+    if not state.secure:
+        return replace(state, stage=Stage.TRAIN), []
     return replace(state, stage=Stage.ADVERTISE), []
 
 
@@ -685,6 +790,13 @@ def _leave(
     Secure cohorts count every way out (the device was a member, whatever
     happened); plaintext counts only a completed upload; a refused cohort never
     counts. A counted participation prints its outcome.
+
+    Only a completed participation can have helped produce a version: after one
+    the device waits for a newer version, watching the cohort's result in case it
+    aborts (``CohortAborted``). After any other way out it checks in again at the
+    same version after a back-off (``retry_backoff_s``): waiting for a version
+    that its cohort will never produce would stall the device, and with it the
+    population, when every cohort aborts.
     """
     assert state.cfg is not None
     cfg = state.cfg
@@ -697,10 +809,13 @@ def _leave(
     rounds = state.rounds + counted
     limit = state.settings.max_rounds
     stage = Stage.DONE if counted and limit and rounds >= limit else Stage.IDLE
-    return replace(
+    new = replace(
         state, stage=stage, rounds=rounds, last_base=cfg.base_version, outcome=outcome, cfg=None,
-        u1=None, u2=None, u3=None, num_samples=0,
-    ), out  # fmt: skip
+        u1=None, u2=None, u3=None, num_samples=0, retry=False, backoff_s=0.0, watch=None,
+    )  # fmt: skip
+    if outcome is Outcome.COMPLETED:
+        return replace(new, watch=cfg.cohort_id), out
+    return _retrying(new), out
 
 
 # --------------------------------------------------------------------------- the table
@@ -712,6 +827,7 @@ Handler = Callable[[DeviceState, object], Transition]
 _HANDLERS: dict[tuple[Stage, type], Handler] = {  # type: ignore[dict-item]
     (Stage.IDLE, VersionSeen): _idle,
     (Stage.IDLE, Stopped): _stop,
+    (Stage.IDLE, CohortAborted): _cohort_aborted,
     (Stage.BUDGET, Allowed): _budget_allows,
     (Stage.BUDGET, BudgetRefused): _budget_refused,
     (Stage.CHECK_IN, CheckedIn): _checked_in,

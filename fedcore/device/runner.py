@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from fedcore.device.machine import (
     CheckInExpired,
     CheckSampleBudget,
     CheckUserPrivacy,
+    CohortAborted,
     CohortEnded,
     CohortFound,
     DeviceState,
@@ -107,8 +109,10 @@ class LocalDevice(Protocol):
         """The line refusing ``cfg`` under this device's user-level DP terms; None to join."""
         ...
 
-    def train_update(self, cfg: CohortConfig) -> Update:
-        """Train from ``cfg``'s base version (UnusableUpdateError: it diverged)."""
+    def train_update(self, cfg: CohortConfig, *, budget_s: float | None = None) -> Update:
+        """Train from ``cfg``'s base version (UnusableUpdateError: it diverged), for at most
+        ``budget_s`` seconds (None: no limit; at least one step either way); the update's
+        ``num_samples`` are the samples actually processed."""
         ...
 
     def book_release(self, rdp: Sequence[float]) -> None:
@@ -128,7 +132,7 @@ class SyntheticDevice:
     def user_dp_refusal(self, cfg: CohortConfig) -> str | None:
         return None
 
-    def train_update(self, cfg: CohortConfig) -> Update:
+    def train_update(self, cfg: CohortConfig, *, budget_s: float | None = None) -> Update:
         return self.train(cfg)
 
     def book_release(self, rdp: Sequence[float]) -> None:
@@ -161,20 +165,30 @@ class Runner:
         sleep: Callable[[float], None] = time.sleep,
         should_stop: Callable[[], bool] = lambda: False,
         on_leave: Callable[[Leave], None] = lambda leave: None,
+        wall: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
+        """``clock`` times the waits; ``wall`` is the device's clock of the epoch, compared
+        with the server's deadlines (``Train.deadline``); ``rng`` jitters the back-off of
+        a retried check-in (``AwaitVersion.delay_s``) by a factor in [0.5, 1.5]."""
         self.p = participant
         self.local = local
         self.drop = drop
         self.polling = polling or Polling()
         self.blocking = blocking
         self.clock = clock
+        self.wall = wall
+        self.rng = rng or random.Random()
         self.sleep = sleep
         self.should_stop = should_stop
         self.on_leave = on_leave
         self.round: SecureRound | None = None  # the open secure cohort's secrets
         self.update: Update | None = None  # trained, not yet uploaded
+        self.train_s: float | None = None  # how long training it took (reported on upload)
         self.cohort_id: str | None = None  # for the log lines' context
         self._wait: tuple[Request, float] | None = None  # the wait in progress, since when
+        self._not_before = 0.0  # the wait's first look, after its jittered back-off
+        self._settled: str | None = None  # a watched cohort whose result said applied
         self._delay = self.polling.pointer_s
         self._said_waiting = False
         self._ticket: Ticket | None = None
@@ -249,12 +263,30 @@ class Runner:
             return self._back_off()
         if (req.stop_at and pointer.version >= req.stop_at) or pointer.version > req.newer_than:
             return VersionSeen(pointer.version)
+        if (aborted := self._watched_abort(req.watch)) is not None:
+            return aborted
         if not self._said_waiting:
             self._say(f"waiting for a version newer than {req.newer_than}")
             self._said_waiting = True
         p = self.polling
         self._delay = p.pointer_s if changed else min(self._delay * 1.5, p.max_pointer_s)
         return Pending(self._delay)
+
+    def _watched_abort(self, cid: str | None) -> Observation | None:
+        """``CohortAborted`` if the completed cohort ``cid`` aborted; None while it has no
+        result or applied (then it is not read again: its version is what we wait for)."""
+        if cid is None or cid == self._settled:
+            return None
+        try:
+            res = self.p.result(cid)
+        except (StorageError, IntegrityError):
+            return None  # the next poll looks again
+        if res is None:
+            return None
+        if res.status == "aborted":
+            return CohortAborted(res.reason)
+        self._settled = cid
+        return None
 
     def _back_off(self) -> Pending:
         retry, self._delay = self._delay, min(self._delay * 2, self.polling.max_pointer_s)
@@ -288,11 +320,14 @@ class Runner:
             self._delay, self._said_waiting = self.polling.pointer_s, False
             self._ticket = getattr(req, "ticket", None)
             self._checked_at = now
+            self._not_before = now + getattr(req, "delay_s", 0.0) * self.rng.uniform(0.5, 1.5)
         started = self._wait[1]
         timeout = getattr(req, "timeout_s", math.inf)
         while True:
             if self.should_stop():
                 obs: Observation = Stopped()
+            elif (left := self._not_before - self.clock()) > 0:
+                obs = Pending(left)  # backing off before checking in again
             elif self.clock() - started >= timeout:
                 obs = TimedOut()
             else:
@@ -319,7 +354,11 @@ class Runner:
                 return Written()
             case Train():
                 self.cohort_id = action.cfg.cohort_id
-                self.update = self.local.train_update(action.cfg)
+                t0 = self.clock()
+                self.update = self.local.train_update(
+                    action.cfg, budget_s=self._train_budget(action)
+                )
+                self.train_s = max(0.0, self.clock() - t0)
                 return Trained(self.update.num_samples)
             case UploadMasked():
                 rnd, update = self._open_round(), self._trained()
@@ -333,11 +372,20 @@ class Runner:
             case UploadPlain():
                 update = self._trained()
                 self.p.upload_plain(
-                    action.cfg, dict(update.delta), num_samples=update.num_samples, loss=update.loss
-                )
+                    action.cfg, dict(update.delta), num_samples=update.num_samples,
+                    loss=update.loss, train_s=self.train_s,
+                )  # fmt: skip
                 self.update = None
                 return Written()
         raise TypeError(f"not a request: {action!r}")  # pragma: no cover
+
+    def _train_budget(self, req: Train) -> float | None:
+        """Seconds training may take: the inputs limit less the margin, and no later than the
+        inputs deadline less the margin (on this device's clock of the epoch)."""
+        budgets = [] if req.budget_s is None else [req.budget_s]
+        if req.deadline is not None:
+            budgets.append(req.deadline - self.wall())
+        return max(0.0, min(budgets)) if budgets else None
 
     def _open_round(self) -> SecureRound:
         if self.round is None:

@@ -76,6 +76,7 @@ class MeanResult:
     rejected: dict[str, str] = field(default_factory=dict)
     bytes_read: int = 0
     losses: dict[str, float] = field(default_factory=dict)
+    train_s: dict[str, float] = field(default_factory=dict)  # members that reported it
 
 
 def weighted_mean(
@@ -139,6 +140,8 @@ def weighted_mean(
         result.total_weight += weight
         result.included.append(client)
         result.losses[client] = float(meta.loss)
+        if meta.train_s is not None:
+            result.train_s[client] = float(meta.train_s)
 
     for client, key, fut in stream_objects(store, uploads, concurrency=concurrency, parse=parse):
         fold(client, key, fut)

@@ -50,7 +50,7 @@ from fedcore.metrics import (
     MetricSink,
 )
 from fedcore.secagg import crypto
-from fedcore.server import phases, secure
+from fedcore.server import deadlines, phases, secure
 from fedcore.server.aggregate import weighted_mean
 from fedcore.server.apply import apply_cohort, find_applied
 from fedcore.server.cache import Cache, Schema
@@ -263,7 +263,10 @@ class Finalizer:
             included=mean.included,
             num_samples=mean.total_weight,
             rejected=mean.rejected,
-            metrics={"train_loss": sum(losses) / len(losses)},
+            metrics={
+                "train_loss": sum(losses) / len(losses),
+                **deadlines.train_metrics(list(mean.train_s.values())),
+            },
         )
 
     def plaintext_clip(self, schema: Schema) -> float:

@@ -29,10 +29,11 @@ from fedcore.metrics import COHORTS_FORMED, MetricSink
 from fedcore.secagg import crypto
 from fedcore.secagg.protocol import DOMAIN_CHECKIN, SecAggParams
 from fedcore.server.cache import Cache
+from fedcore.server.deadlines import RecentTraining, inputs_deadline_s
 from fedcore.server.settings import ServerSettings
 from fedcore.server.vocabulary import PHASES
 from fedcore.storage import ObjectInfo, ObjectStore
-from fedcore.versions import find_head
+from fedcore.versions import find_head, read_meta
 
 # fedcore.server.coordinator's logger: the log lines read as they did before the split.
 log = logging.getLogger("fedcore.server.coordinator")
@@ -73,6 +74,7 @@ class Formation:
         self.settings = settings
         self.metric = metric
         self.clock = clock
+        self.recent = RecentTraining(lambda version: read_meta(store, version).metrics)
 
     def waiting(self, now: float) -> tuple[list[Waiting], list[str]]:
         """Untaken, unexpired check-ins (oldest per client, oldest first) and the cohort ids seen.
@@ -141,7 +143,7 @@ class Formation:
             phase_s = {p.value: s.short_round_s for p in PHASES[mode]}
         else:
             phase_s = {}
-        phase_s[Phase.INPUTS.value] = s.round_deadline_s
+        phase_s[Phase.INPUTS.value] = self.inputs_deadline_s(base)
         min_members = min(s.min_cohort_size, len(chosen))
         if dp is not None:
             # The noise is sized for expected_survivors: fewer would release a larger
@@ -166,6 +168,16 @@ class Formation:
             dp=dp,
             staleness_weight=s.staleness_weight,
         )
+
+    def inputs_deadline_s(self, base: int) -> float:
+        """The new cohort's inputs limit: ``round_deadline_s``, or sized from what recent
+        members needed to train (``fedcore.server.deadlines``, with ``deadline_margin``)."""
+        s = self.settings
+        if s.deadline_margin <= 0:
+            return s.round_deadline_s
+        deadline = inputs_deadline_s(s, self.recent.p90s(base, s.deadline_window))
+        log.info("inputs deadline", extra={"version": base, "deadline_s": deadline})
+        return deadline
 
     def form_cohorts(self, *, allow_partial: bool = False) -> list[str]:
         """Form as many cohorts as the waiting check-ins allow; returns their ids."""

@@ -83,6 +83,13 @@ class ServerSettings:
     # secure mode gives, SECAGG_CLIP * sqrt(number of parameters) (every coordinate
     # within the clip).
     plaintext_clip: float = setting(0.0, "PLAINTEXT_CLIP")
+    # Adaptive inputs deadline: this many times the slowest of the recent cohorts' 90th
+    # percentile of reported training seconds (0: always round_deadline_s), read from the
+    # last deadline_window versions' metrics, within [deadline_min_s, deadline_max_s].
+    deadline_margin: float = setting(0.0, "DEADLINE_MARGIN")
+    deadline_min_s: float = setting(10.0, "DEADLINE_MIN_S")
+    deadline_max_s: float = setting(1800.0, "DEADLINE_MAX_S")
+    deadline_window: int = setting(5, "DEADLINE_WINDOW")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "server_optimizer", ServerOptimizer(self.server_optimizer))
@@ -111,6 +118,15 @@ class ServerSettings:
             or self.short_round_s <= 0
         ):
             raise ValueError("server_lr, round_deadline_s and read_concurrency must be positive")
+        if (
+            self.deadline_margin < 0
+            or not 0 < self.deadline_min_s <= self.deadline_max_s
+            or self.deadline_window < 1
+        ):
+            raise ValueError(
+                "need deadline_margin >= 0, 0 < deadline_min_s <= deadline_max_s and "
+                "deadline_window >= 1"
+            )
         self.optimizer  # noqa: B018  (validates the server optimizer's hyperparameters)
 
     @property

@@ -131,7 +131,8 @@ def test_secure_cohort_walks_every_stage_in_order() -> None:
     ]
     assert left(actions) == [m.Leave("c00000007", 3, Outcome.COMPLETED)]
     assert (state.rounds, state.last_base, state.outcome) == (1, 3, Outcome.COMPLETED)
-    assert actions[-1] == m.AwaitVersion(newer_than=3, stop_at=0)
+    # A completed cohort: wait for a newer version, watching its result in case it aborts.
+    assert actions[-1] == m.AwaitVersion(newer_than=3, stop_at=0, watch="c00000007")
     assert state.cfg is None and state.u2 is None  # nothing of the cohort is kept
 
 
@@ -140,7 +141,9 @@ def test_plaintext_cohort_trains_and_uploads_in_the_clear() -> None:
     rounds: train, upload, completed (counted, no outcome line, as before)."""
     cfg = config(Mode.PLAINTEXT)
     state = joined(cfg, mode=Mode.PLAINTEXT)
-    assert state.stage is Stage.TRAIN and m.request_for(state) == m.Train(cfg, None)
+    # The inputs phase closes 10 s after created_at; 30% of it is kept for the upload.
+    box = (1.7e9 + 10.0 - 3.0, 7.0)
+    assert state.stage is Stage.TRAIN and m.request_for(state) == m.Train(cfg, None, *box)
     state, actions = feed(state, m.Trained(5), m.Written())
     assert said(actions) == ["uploaded update to c00000007 (plaintext)"]
     assert left(actions) == [m.Leave("c00000007", 3, Outcome.COMPLETED)]
@@ -208,6 +211,77 @@ def test_wait_for_new_version_off_accepts_the_same_base() -> None:
     state = replace(DeviceState(settings_(wait_for_new_version=False)), last_base=4)
     assert m.request_for(state) == m.AwaitVersion(newer_than=-1, stop_at=0)
     assert m.request_for(replace(state, settings=settings_())) == m.AwaitVersion(4, 0)
+
+
+# --------------------------------------------------------------------------- after a cohort
+def test_an_uncounted_participation_checks_in_again_at_the_same_version_with_backoff() -> None:
+    """GIVEN a device that was not counted (it missed the inputs phase) THEN it waits for any
+    version at or above the cohort's base (not a newer one, which its cohort cannot produce),
+    after a back-off that doubles per uncounted participation in a row up to its bound; a
+    check-in that then times out checks in again without a further back-off; a newer version
+    resets the count."""
+    state, actions = m.step(at(Stage.INPUTS, retry_s=2.0, max_retry_s=5.0), m.TimedOut())
+    assert left(actions)[0].outcome is Outcome.ABANDONED
+    assert actions[-1] == m.AwaitVersion(newer_than=2, stop_at=0, delay_s=2.0)
+    assert (state.retry, state.retries, state.last_base) == (True, 1, 3)
+    state, _ = feed(state, m.VersionSeen(3), m.Allowed(), m.CheckedIn(TICKET), m.TimedOut())
+    assert m.request_for(state) == m.AwaitVersion(newer_than=2, stop_at=0)  # no stall, no delay
+    state, actions = feed(
+        state, m.VersionSeen(3), m.Allowed(), m.CheckedIn(TICKET), m.CohortFound(config()),
+        m.Allowed(), m.Written(), m.CohortEnded(),
+    )  # fmt: skip
+    assert actions[-1] == m.AwaitVersion(newer_than=2, stop_at=0, delay_s=4.0)
+    state, actions = feed(
+        state, m.VersionSeen(3), m.Allowed(), m.CheckedIn(TICKET), m.CohortFound(config()),
+        m.Allowed(), m.Vanished(DropPoint.KEYS),
+    )  # fmt: skip
+    assert actions[-1] == m.AwaitVersion(newer_than=2, stop_at=0, delay_s=5.0)  # bounded
+    assert state.retries == 3
+    state, _ = m.step(state, m.VersionSeen(4))
+    assert state.retries == 0 and state.backoff_s == 0.0
+
+
+def test_a_mode_refusal_retries_but_a_dp_refusal_stops() -> None:
+    """GIVEN a cohort refused for its mode (the cohort's, not the device's, terms) THEN the
+    device checks in again at the same version; a user-level DP refusal still stops it."""
+    state, actions = m.join(settings_(), config(Mode.PLAINTEXT))
+    assert actions[-1] == m.AwaitVersion(newer_than=2, stop_at=0, delay_s=2.0)
+    state, _ = m.join(settings_(), config())
+    state, actions = m.step(state, m.BudgetRefused("spent"))
+    assert state.stage is Stage.DONE and not isinstance(actions[-1], m.AwaitVersion)
+
+
+def test_a_completed_cohort_that_aborts_checks_in_again() -> None:
+    """GIVEN a completed participation THEN the device waits for a newer version watching
+    the cohort's result; WHEN the result says aborted THEN it says so and checks in again at
+    the same version after a back-off; an applied result leaves the wait as it is."""
+    state, actions = m.step(at(Stage.UNMASK), m.Written())
+    assert actions[-1] == m.AwaitVersion(newer_than=3, stop_at=0, watch="c00000007")
+    assert state.retries == 0 and not state.retry
+    new, actions = m.step(state, m.CohortAborted("only 1 input"))
+    assert said(actions) == [
+        "c00000007: aborted (only 1 input); checking in again at version 3 in about 2s"
+    ]
+    assert actions[-1] == m.AwaitVersion(newer_than=2, stop_at=0, delay_s=2.0)
+    assert new.retry and new.watch is None
+    _, actions = feed(
+        joined(config(Mode.PLAINTEXT), mode=Mode.PLAINTEXT), m.Trained(5), m.Written()
+    )
+    assert actions[-1] == m.AwaitVersion(newer_than=3, stop_at=0, watch="c00000007")
+    with pytest.raises(m.UnexpectedObservation):
+        m.step(at(Stage.KEYS), m.CohortAborted("x"))
+
+
+def test_train_is_time_boxed_to_the_inputs_deadline() -> None:
+    """GIVEN a secure cohort THEN Train carries when inputs closes at the latest (U1's close
+    plus the shares and inputs limits) less the margin, and the inputs limit less the margin
+    as the most training may take; the margin is at most 30% of the inputs limit."""
+    cfg = replace(config(), phase_s={"keys": 10.0, "shares": 20.0, "inputs": 100.0, "unmask": 10.0})
+    state = at(Stage.TRAIN, cfg)
+    assert m.request_for(state) == m.Train(cfg, DropPoint.SHARES, 1.7e9 + 120.0 - 5.0, 95.0)
+    short = replace(config(), phase_s={"keys": 1.0, "shares": 1.0, "inputs": 10.0, "unmask": 1.0})
+    assert m.train_box(short, None, 5.0) == (1.7e9 + 12.0 - 3.0, 7.0)
+    assert m.train_box(replace(config(), phase_s={}), None, 5.0) == (None, None)
 
 
 # --------------------------------------------------------------------------- refusals
@@ -408,6 +482,7 @@ def _answers(state: DeviceState) -> st.SearchStrategy[m.Observation]:
         m.Diverged: st.just(m.Diverged("nan")),
         m.WriteConflict: st.just(m.WriteConflict("exists")),
         m.Faulted: st.builds(m.Faulted, kinds, st.just("bad")),
+        m.CohortAborted: st.just(m.CohortAborted("too few")),
     }
     options = [make[t] if t in make else st.just(t()) for t in m.expects(state.stage)]
     options = [options[0]] * 3 + options  # the table lists the hoped-for answer first
@@ -538,6 +613,48 @@ def test_blocking_runner_sleeps_between_looks_and_stops_when_asked() -> None:
     assert slept == [0.25] * 4
     stopping = _runner(p, clock, sleep=sleep, should_stop=lambda: True)
     assert stopping.perform(m.AwaitPhase(config(), Phase.SHARES, 1.0)) == m.Stopped()
+
+
+def test_runner_backs_off_jittered_before_the_first_look_and_watches_the_result() -> None:
+    """GIVEN a retried check-in's AwaitVersion THEN the runner waits its jittered delay (from
+    the injected rng) before looking; GIVEN a watched cohort whose result says aborted THEN
+    it answers CohortAborted; an applied one is not read again."""
+
+    class Rng:
+        def uniform(self, a: float, b: float) -> float:
+            return b  # the longest jitter
+
+    class Pointer:
+        version = 3
+
+    class Result:
+        def __init__(self, status: str) -> None:
+            self.status, self.reason = status, "too few"
+
+    p, clock = FakeParticipant(), Clock()
+    reads: list[str] = []
+    p.poll_latest = lambda: (Pointer(), False)  # type: ignore[attr-defined]
+    outcome = {"status": ""}
+
+    def result(cid: str) -> object | None:
+        reads.append(cid)
+        return Result(outcome["status"]) if outcome["status"] else None
+
+    p.result = result  # type: ignore[method-assign]
+    runner = _runner(p, clock, blocking=False, rng=Rng())
+    retry = m.AwaitVersion(newer_than=2, delay_s=2.0)
+    assert runner.perform(retry) == m.Pending(3.0)
+    clock.now = 2.9
+    assert runner.perform(retry) == m.Pending(pytest.approx(0.1))
+    clock.now = 3.0
+    assert runner.perform(retry) == m.VersionSeen(3)
+    watch = m.AwaitVersion(newer_than=3, watch="c1")
+    assert isinstance(runner.perform(watch), m.Pending) and reads == ["c1"]
+    outcome["status"] = "applied"
+    assert isinstance(runner.perform(watch), m.Pending)
+    assert isinstance(runner.perform(watch), m.Pending) and reads == ["c1", "c1"]  # settled
+    outcome["status"] = "aborted"
+    assert runner.perform(m.AwaitVersion(newer_than=3, watch="c2")) == m.CohortAborted("too few")
 
 
 def test_drop_hook_answers_before_the_request_is_performed() -> None:

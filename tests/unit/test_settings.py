@@ -35,6 +35,8 @@ def test_from_env_reads_every_variable_by_its_field_type() -> None:
         "dp_delta": 1e-6, "secagg_weight_cap": 100, "plaintext_clip": 5.0,
         "server_optimizer": ServerOptimizer.FEDADAM, "server_momentum": 0.5,
         "server_beta1": 0.8, "server_beta2": 0.9, "server_tau": 1e-2,
+        "deadline_margin": 2.0, "deadline_min_s": 20.0, "deadline_max_s": 900.0,
+        "deadline_window": 3,
     }  # fmt: skip
     assert set(changed) == set(ServerSettings.env_names())
     env = ServerSettings.env_for(changed)
