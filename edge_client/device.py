@@ -40,7 +40,6 @@ from fedcore.device import (
     Polling,
     RandomDrop,
     Runner,
-    SecureRound,
     Settings,
     Update,
     drive,
@@ -131,7 +130,6 @@ class Device:
         self.log = log or (lambda m: say(participant.client_id, m))
         self.stop = stop or threading.Event()
         self.rounds = 0
-        self._loss = float("nan")
         self.train_seconds = 0.0  # of the last local training
 
     def _sleep(self, delay: float) -> None:
@@ -250,16 +248,3 @@ class Device:
                 "sitting this cohort out"
             )
         return Update(delta, result.num_samples, result.loss)
-
-    # -- edge_client.simulate's Worker still calls these; they go once it drives fedcore.device.
-    def _user_dp_refusal(self, cfg: CohortConfig) -> str | None:
-        return self.user_dp_refusal(cfg)
-
-    def _book_release(self, rnd: SecureRound) -> None:
-        if rnd.privacy_rdp is not None:
-            self.book_release(rnd.privacy_rdp)
-
-    def _train(self, cfg: CohortConfig) -> tuple[dict[str, np.ndarray], int]:
-        update = self.train_update(cfg)
-        self._loss = update.loss
-        return dict(update.delta), update.num_samples

@@ -1,8 +1,8 @@
 """One secure cohort, played to its end by the device machine (a blocking call for tests).
 
 The protocol lives in ``fedcore.device`` (machine, crypto, runner); this module
-keeps the call the integration tests and benchmarks make, and the names that
-``edge_client.simulate`` imports until it drives ``fedcore.device`` itself.
+keeps the call the integration and hostile-input tests make, and re-exports the
+names the tests and benchmarks import from here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from fedcore import device
 from fedcore.device import (
     DROP_POINTS,
     NO_DROP,
@@ -19,28 +18,15 @@ from fedcore.device import (
     DropPoint,
     Outcome,
     Polling,
+    SecureRound,
     Update,
     flatten_weighted,
-    manifest_fault,
-    not_admitted,
     run_cohort,
 )
-from fedcore.errors import IntegrityError
-from fedcore.layout import Phase
-from fedcore.messages import CohortConfig, Manifest
+from fedcore.messages import CohortConfig
 from fedcore.participant import Participant
 
-__all__ = ["DROP_POINTS", "SecureRound", "flatten_weighted", "not_admitted", "run_secure_cohort"]
-
-
-class SecureRound(device.SecureRound):
-    """``fedcore.device.SecureRound`` plus the manifest check ``edge_client.simulate``'s
-    Worker still calls; delete both once the simulator drives ``fedcore.device``."""
-
-    def _checked_manifest(self, m: Manifest, phase: Phase, key: str) -> Manifest:
-        if (fault := manifest_fault(m, self.cfg, phase)) is not None:
-            raise IntegrityError(fault)
-        return m
+__all__ = ["DROP_POINTS", "SecureRound", "flatten_weighted", "run_secure_cohort"]
 
 
 def run_secure_cohort(

@@ -78,7 +78,9 @@ def watch_versions(
             "participations": sim.tally.participations,
             "devices_participated": len(sim.tally.devices_seen),
         }
-        spent = privacy.add(meta.metrics.get("privacy"), list(meta.members))
+        spent = privacy.add(
+            meta.metrics.get("privacy"), list(meta.members), where=f"v{new.version}"
+        )
         if spent:
             entry["privacy"] = spent
         on_version(entry)

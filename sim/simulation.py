@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedcore import layout
-from fedcore.dp import rdp
+from fedcore.dp.ledger import ReleaseTally
 from fedcore.errors import FedError
 from fedcore.layout import Phase
 from fedcore.status import cohort_ids
@@ -165,7 +165,8 @@ def overlapping_participations(records: list[dict[str, Any]]) -> list[tuple[str,
 
 
 class UserPrivacyTally:
-    """Each device's user-level spend: the RDP of every release it was a member of, composed.
+    """Each device's user-level spend: the RDP of every release it was a member of, composed
+    by the one ledger (``fedcore.dp.ledger.ReleaseTally``), as a version's report entry.
 
     The device code accounts the worst case (only the minimum survive) before it
     uploads; this tally composes what each release actually states (its
@@ -173,23 +174,23 @@ class UserPrivacyTally:
     """
 
     def __init__(self) -> None:
-        self.ledgers: dict[str, rdp.Ledger] = {}
-        self.epsilons: dict[str, float] = {}
+        self.releases = ReleaseTally()
 
-    def add(self, privacy: Any, members: list[str]) -> dict[str, Any] | None:
-        user = privacy.get("user_level") if isinstance(privacy, dict) else None
-        if not user:
+    def add(
+        self, privacy: Any, members: list[str], *, where: str = "release"
+    ) -> dict[str, Any] | None:
+        """Compose one version's release; its report entry (None without user-level DP).
+        Malformed accounting raises ``IntegrityError`` naming ``where``."""
+        release = self.releases.add(privacy, members, where=where)
+        if release is None:
             return None
-        for m in members:
-            ledger = self.ledgers.get(m, rdp.Ledger(orders=list(user["rdp_orders"])))
-            self.ledgers[m] = ledger.plus(user["rdp"])
-            self.epsilons[m] = self.ledgers[m].epsilon(user["delta"])
-        spent = sorted(self.epsilons.values())
+        top, median, count = self.releases.device_spread()
+        user = release.stated
         return {
             "user_epsilon": user["epsilon"],
-            "user_epsilon_device_max": spent[-1],
-            "user_epsilon_device_median": spent[len(spent) // 2],
-            "devices_with_spend": len(spent),
+            "user_epsilon_device_max": top,
+            "user_epsilon_device_median": median,
+            "devices_with_spend": count,
             "noise_multiplier": user["noise_multiplier"],
             "effective_noise_multiplier": user["effective_noise_multiplier"],
             "clip": user["clip"],

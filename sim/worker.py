@@ -2,25 +2,29 @@
 
 A device process per device stops scaling at a few dozen (each imports torch
 and holds a model), so here W worker processes each *play* many devices. A
-device is a small state object (client id, identity key, shard indices, where
-it stands in the protocol); a worker repeatedly takes the next device that has
-work, runs one protocol step for it and moves on, so the 100 members of a
-cohort progress together without 100 processes:
+device is a small object (client id, identity key, shard indices) holding the
+state of ``fedcore.device``'s protocol machine, the very machine the blocking
+device loop (``edge_client.device``) drives; a worker repeatedly takes the next
+device that has work, performs its outstanding request and steps its machine
+with the answer, so the 100 members of a cohort progress together without 100
+processes. There is no second copy of the stages here: the worker only decides
+*how* a request is answered.
 
-  idle --check in--> waiting --cohort found--> keys --advertise, U1--> share
-  --shares posted--> train --train (heavy)--> inputs --U2, masked upload-->
-  unmask --U3, reveal--> idle
-
-Every step is the product's own code: ``Participant`` (enroll, check in),
-``SecureRound`` (advertise, share, upload, unmask, the same checks as
-``run_secure_cohort``), ``Device._train`` (torch training, divergence check)
-against the real S3 API, with the real event pump and aggregation handler on
-the other side. What a worker shares among its devices is only what is
-public and immutable, read once instead of once per device: the pointer, the
-cohort configs (each device still matches its own check-in nonce), the phase
-manifests and results, and the decoded base model of a version. Protocol
-steps run before training steps, so the cheap rounds of every cohort keep
-moving while training (the bulk of the CPU time) queues.
+Every write and every check is the product's own code: the non-blocking
+``fedcore.device.Runner`` performs check-ins, the four SecAgg+ rounds and
+plaintext uploads through ``Participant`` and ``SecureRound``, and asks the
+device (``edge_client.device.Device``: torch training, divergence check, DP
+terms) what only it knows, against the real S3 API, with the real event pump
+and aggregation handler on the other side. The waits the worker answers
+itself, from what it reads once for all its devices because it is public and
+immutable: the pointer (``AwaitVersion``), the cohort configs (``AwaitCohort``;
+each device still matches its own check-in nonce), the phase manifests and
+results (``AwaitPhase``; the machine checks each manifest per device), and the
+decoded base model of a version. Training requests queue (oldest cohort first)
+and run one per pass, after every ready protocol step, so the cheap rounds of
+every cohort keep moving while training (the bulk of the CPU time) waits.
+Dropout experiments go through the machine's drop hook (``RandomDrop``, drawn
+from the worker's seeded generator).
 
 This module is the worker process; ``sim.simulation`` is the parent that
 spawns the workers and collects their reports.
@@ -31,27 +35,61 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import math
 import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from fedcore import layout
-from fedcore.errors import (
-    AlreadyExistsError,
-    FedError,
-    IntegrityError,
-    NotFoundError,
-    NotModifiedError,
-    ProtocolError,
-    StorageError,
-    UnusableUpdateError,
+from fedcore.device import (
+    DROP_POINTS,
+    DeviceState,
+    DropPoint,
+    LocalDevice,
+    RandomDrop,
+    Runner,
+    Settings,
+    Stage,
+    machine,
+    step,
 )
+from fedcore.device.machine import (
+    Action,
+    Advertise,
+    AwaitCohort,
+    AwaitPhase,
+    AwaitVersion,
+    BookRelease,
+    CheckedIn,
+    CheckIn,
+    CheckInExpired,
+    CheckSampleBudget,
+    CheckUserPrivacy,
+    CohortAborted,
+    CohortEnded,
+    CohortFound,
+    Leave,
+    ManifestRead,
+    Observation,
+    Pending,
+    Request,
+    Say,
+    Share,
+    TimedOut,
+    Train,
+    Unmask,
+    UploadMasked,
+    UploadPlain,
+    Vanished,
+    VersionSeen,
+)
+from fedcore.errors import FedError, IntegrityError, NotFoundError, NotModifiedError, StorageError
 from fedcore.layout import Kind, Phase
 from fedcore.messages import (
     CohortConfig,
@@ -64,9 +102,8 @@ from fedcore.messages import (
     parse_pointer,
     parse_result,
 )
-from fedcore.participant import Participant, Ticket
+from fedcore.participant import Participant
 from fedcore.secagg import crypto
-from fedcore.secure_round import DROP_POINTS, SecureRound, not_admitted
 from fedcore.storage import ObjectStore, S3Store, StoredObject
 from fedcore.versions import load_model
 
@@ -122,19 +159,6 @@ class SimSettings:
     def client_id(self, i: int) -> str:
         width = max(4, len(str(self.devices - 1)))
         return f"{self.client_prefix}-{i:0{width}d}"
-
-
-class Stage(Enum):
-    IDLE = "idle"  # waiting for a version newer than the last one trained on
-    WAITING = "waiting"  # checked in, waiting for a cohort to name the check-in
-    KEYS = "keys"  # advertised keys, waiting for U1
-    TRAIN = "train"  # shares posted; training is next
-    SHARES = "shares"  # trained, waiting for U2 to upload the masked input
-    INPUTS = "inputs"  # uploaded, waiting for U3 to reveal shares
-    DONE = "done"  # stopped joining (until_version or max_rounds)
-
-
-WAIT_PHASE = {Stage.KEYS: Phase.KEYS, Stage.SHARES: Phase.SHARES, Stage.INPUTS: Phase.INPUTS}
 
 
 class _SharedReads:
@@ -269,6 +293,28 @@ class _BucketView:
         except NotFoundError:
             pass
 
+    def ended(self, cid: str) -> Result | None:
+        """``cid``'s result, read at most once per poll interval per worker (a device
+        that completed a cohort watches it: an aborted one means no version is coming)."""
+        if cid in self.results:
+            return self.results[cid]
+        now = time.monotonic()
+        due, delay = self._next.get((cid, Phase.RESULT), (now, 1.0))
+        if now < due:
+            return None
+        self._next[(cid, Phase.RESULT)] = (now + delay, min(delay * 1.5, 10.0))
+        rkey = layout.state_key(cid, Phase.RESULT)
+        try:
+            self.results[cid] = parse_result(self.store.get(rkey).body, where=rkey)
+        except NotFoundError:
+            return None
+        except IntegrityError as exc:
+            log.warning("unreadable cohort result", extra={"key": rkey, "reason": str(exc)})
+            return None
+        finally:
+            self.reads += 1
+        return self.results[cid]
+
     def forget(self, cid: str) -> None:
         for phase in Phase:
             self.manifests.pop((cid, phase), None)
@@ -279,24 +325,30 @@ class _BucketView:
 
 @dataclass
 class SimDevice:
-    """One simulated device: identity, shard, and where it stands in the protocol."""
+    """One simulated device: identity, shard, and its protocol machine's state.
+
+    ``local`` answers the machine's questions to the device itself (torch training,
+    DP terms: ``edge_client.device.Device``, or ``fedcore.device.SyntheticDevice``);
+    the worker gives each device a non-blocking ``Runner`` and its first state.
+    """
 
     index: int
     client_id: str
     shard: np.ndarray
-    device: Any  # edge_client.device.Device (torch), built in the worker
-    stage: Stage = Stage.IDLE
-    last_base: int = -1
-    rounds: int = 0
-    ticket: Ticket | None = None
-    checked_at: float = 0.0
-    cfg: CohortConfig | None = None
-    rnd: SecureRound | None = None
-    update: tuple[Any, int] | None = None
-    u2: Manifest | None = None
-    drop_at: str | None = None
+    participant: Participant
+    local: LocalDevice
+    reseed: Callable[[int], None] = lambda seed: None  # the training seed of the next update
+    runner: Runner | None = None
+    state: DeviceState | None = None
+    request: Request | None = None  # what the machine waits for (None: DONE)
+    waiting: tuple[Request, float] | None = None  # the wait the worker answers, since when
+    checked_at: float = 0.0  # when the check-in was last confirmed to stand
     joined_at: float = 0.0
-    deadline: float = 0.0
+
+    @property
+    def stage(self) -> Stage:
+        assert self.state is not None  # set by the worker
+        return self.state.stage
 
 
 @dataclass
@@ -314,8 +366,26 @@ class WorkerStats:
         self.step_n[kind] = self.step_n.get(kind, 0) + 1
 
 
+# The step kinds a run reports (``device_steps``), by the request a step answered.
+_KIND: dict[type, str] = {
+    AwaitVersion: "version", CheckSampleBudget: "budget", CheckIn: "check_in",
+    AwaitCohort: "join", CheckUserPrivacy: "admission", Advertise: "keys", AwaitPhase: "phase",
+    Share: "share", Train: "train", UploadMasked: "upload", Unmask: "unmask",
+    UploadPlain: "upload",
+}  # fmt: skip
+_EFFECTS = (Say, BookRelease, Leave)
+# Stages in which a device counts as online (checked in or in a cohort) for ``max_active``.
+_OFFLINE = frozenset({Stage.IDLE, Stage.BUDGET, Stage.CHECK_IN, Stage.DONE})
+
+
 class Worker:
-    """Plays its devices in turn: all ready protocol steps, then one training step."""
+    """Plays its devices in turn: all ready protocol steps, then one training step.
+
+    Each device is ``fedcore.device``'s machine. The worker performs a device's
+    request through its non-blocking runner, except the waits, which it answers
+    from its ``_BucketView`` (one read of the pointer, a config, a manifest for
+    all its devices), and training, which it queues (oldest cohort first).
+    """
 
     def __init__(
         self,
@@ -342,238 +412,229 @@ class Worker:
         workers = settings.num_workers
         self._cap = -(-settings.max_active // workers) if settings.max_active else len(devices)
         self._active = 0
+        terms = Settings(
+            "", Mode(settings.mode), until_version=settings.until_version,
+            max_rounds=settings.max_rounds, cohort_timeout_s=math.inf, slack_s=settings.slack_s,
+        )  # fmt: skip
+        drop_at = DropPoint(settings.drop_at)
+        for d in devices:
+            d.runner = Runner(
+                d.participant, d.local, blocking=False,
+                drop=RandomDrop(drop_at, settings.drop_prob, self.rng.random),
+                on_leave=lambda leave, d=d: self._left(d, leave),
+            )  # fmt: skip
+            state, actions = machine.start(replace(terms, client_id=d.client_id))
+            d.state = state
+            self._act(d, actions)
 
     # -- the loop -------------------------------------------------------------
     def run(self, should_stop: Callable[[], bool]) -> WorkerStats:
         next_poll = 0.0
-        while not should_stop():
-            now = time.monotonic()
-            if now >= next_poll:
-                self._refresh()
-                next_poll = now + self.s.poll_s
-            progressed = 0
-            for d in list(self.devices):  # _finish reorders the list
-                if should_stop():
+        try:
+            while not should_stop():
+                now = time.monotonic()
+                if now >= next_poll:
+                    self._refresh()
+                    next_poll = now + self.s.poll_s
+                progressed = 0
+                for d in list(self.devices):  # _left reorders the list
+                    if should_stop():
+                        break
+                    progressed += self._step(d)
+                if self._train_queue and not should_stop():
+                    self._train_next()
+                    progressed += 1
+                if all(d.stage is Stage.DONE for d in self.devices):
                     break
-                progressed += self._step(d)
-            if self._train_queue and not should_stop():
-                *_, idx = heapq.heappop(self._train_queue)
-                self._train(self._by_index[idx])
-                progressed += 1
-            if all(d.stage is Stage.DONE for d in self.devices):
-                break
-            if not progressed:
-                time.sleep(min(0.05, self.s.poll_s))
+                if not progressed:
+                    time.sleep(min(0.05, self.s.poll_s))
+        finally:
+            for d in self.devices:
+                if d.runner is not None:
+                    d.runner.close()  # erase any open cohort's secrets
         self.stats.reads = self.view.reads
         return self.stats
 
     def _refresh(self) -> None:
         try:
             self.view.refresh_pointer()
-            if any(d.stage is Stage.WAITING for d in self.devices):
+            if any(d.stage is Stage.CHECKED_IN for d in self.devices):
                 self.view.discover()
             for cid, phase in {
-                (d.cfg.cohort_id, WAIT_PHASE[d.stage])
+                (d.request.cfg.cohort_id, d.request.phase)
                 for d in self.devices
-                if d.stage in WAIT_PHASE and d.cfg is not None
+                if isinstance(d.request, AwaitPhase)
             }:
                 self.view.watch(cid, phase, poll_s=self.s.poll_s, max_poll_s=self.s.max_poll_s)
         except StorageError as exc:
             log.warning("bucket read failed; retrying", extra={"reason": str(exc)})
 
     def _step(self, d: SimDevice) -> int:
-        """One protocol step for ``d`` if it has one; 1 if it did something."""
-        t0 = time.perf_counter()
-        try:
-            kind = self._advance(d)
-        except StorageError as exc:  # transient: the same step runs again next time
-            log.warning(
-                "storage error in a device step",
-                extra={"client_id": d.client_id, "stage": d.stage.value, "reason": str(exc)},
-            )
-            return 0
-        except (AlreadyExistsError, IntegrityError, ProtocolError, NotFoundError) as exc:
-            # The same reasons run_secure_cohort abandons a cohort for.
-            log.warning(
-                "device abandons the cohort",
-                extra={"client_id": d.client_id, "stage": d.stage.value, "reason": str(exc)},
-            )
-            self._finish(d, "abandoned")
-            return 1
-        if kind is None:
-            return 0
-        self.stats.steps += 1
-        self.stats.add(kind, time.perf_counter() - t0)
-        return 1
+        """Perform ``d``'s requests until one has no answer yet (or is training, which
+        queues); 1 if anything happened."""
+        progressed = 0
+        while (req := d.request) is not None and not isinstance(req, Train):
+            t0 = time.perf_counter()
+            try:
+                obs = self._answer(d, req)
+            except StorageError as exc:  # transient: the same request runs again next time
+                log.warning(
+                    "storage error in a device step",
+                    extra={"client_id": d.client_id, "cohort_id": getattr(d.state.cfg, "cohort_id", None),  # type: ignore[union-attr]
+                           "phase": d.stage.value, "reason": str(exc)},
+                )  # fmt: skip
+                break
+            if obs is None or isinstance(obs, Pending):
+                break
+            self._feed(d, obs)
+            self.stats.steps += 1
+            self.stats.add(_KIND[type(req)], time.perf_counter() - t0)
+            progressed = 1
+        return progressed
 
-    def _advance(self, d: SimDevice) -> str | None:
-        pointer = self.view.pointer
-        if d.stage is Stage.IDLE:
-            if pointer is None or self._active >= self._cap:
-                return None
-            if self.s.until_version and pointer.version >= self.s.until_version:
-                d.stage = Stage.DONE
-                return "stop"
-            if pointer.version <= d.last_base:
-                return None
-            d.ticket = d.device.p.check_in(pointer.version)
-            d.checked_at = time.monotonic()
-            d.stage = Stage.WAITING
-            self._active += 1
-            return "check_in"
-        if d.stage is Stage.WAITING:
-            assert d.ticket is not None
-            cfg = self.view.taken.pop((d.client_id, d.ticket.nonce), None)
-            if cfg is None:
-                if time.monotonic() - d.checked_at < self.s.checkin_check_s:
+    def _answer(self, d: SimDevice, req: Request) -> Observation | None:
+        """The observation for ``req``; None while it has none yet."""
+        match req:
+            case AwaitVersion():
+                now = time.monotonic()
+                if d.waiting is None or d.waiting[0] != req:  # back off before a retry
+                    d.waiting = (req, now + req.delay_s * self.rng.uniform(0.5, 1.5))
+                pointer = self.view.pointer
+                if now < d.waiting[1] or pointer is None or self._active >= self._cap:
                     return None
-                d.checked_at = time.monotonic()
-                if d.device.p.checkin_pending(d.ticket):
-                    return "check_pending"
-                self.view.discover()  # taken: its cohort's config is already written
-                cfg = self.view.taken.pop((d.client_id, d.ticket.nonce), None)
-                if cfg is None:
-                    d.stage = Stage.IDLE  # expired without a cohort: check in again
-                    self._active -= 1
-                    return "check_pending"
-            return self._join(d, cfg)
-        if d.stage in WAIT_PHASE:
-            assert d.cfg is not None and d.rnd is not None
-            cid, phase = d.cfg.cohort_id, WAIT_PHASE[d.stage]
-            m = self.view.manifests.get((cid, phase))
-            if m is None:
-                if cid in self.view.results:
-                    self._finish(d, "abandoned", f"ended before {phase.value} closed")
-                    return "ended"
-                if time.monotonic() > d.deadline:
-                    self._finish(d, "abandoned", f"gave up waiting for {phase.value}")
-                    return "timeout"
+                if (req.stop_at and pointer.version >= req.stop_at) or (
+                    pointer.version > req.newer_than
+                ):
+                    return VersionSeen(pointer.version)
+                res = None if req.watch is None else self.view.ended(req.watch)
+                if res is not None and res.status == "aborted":
+                    return CohortAborted(res.reason)
                 return None
-            m = d.rnd._checked_manifest(m, phase, layout.state_key(cid, phase))
-            if (why := not_admitted(m, d.cfg, d.client_id)) is not None:
-                self._finish(d, "abandoned", why)
-                return "not_admitted"
-            return self._after_phase(d, phase, m)
-        return None
+            case AwaitCohort():
+                return self._cohort_for(d, req)
+            case AwaitPhase():
+                return self._phase_for(d, req)
+        assert d.runner is not None
+        return d.runner.perform(req)
 
-    def _join(self, d: SimDevice, cfg: CohortConfig) -> str:
-        d.cfg, d.joined_at = cfg, time.time()
-        d.deadline = time.monotonic() + sum(cfg.phase_s.values()) + self.s.slack_s
-        if cfg.mode != d.device.p.mode:
-            self._finish(d, "refused", f"cohort runs {cfg.mode.value!r}")
-            return "join"
-        if (refusal := d.device._user_dp_refusal(cfg)) is not None:
-            self._finish(d, "refused", refusal)
-            return "join"
-        d.drop_at = self.s.drop_at if self.rng.random() < self.s.drop_prob else None
-        if cfg.mode is Mode.PLAINTEXT:
-            d.stage = Stage.TRAIN
-            self._queue_training(d)
-            return "join"
-        if d.drop_at == "keys":
-            self._finish(d, "dropped")
-            return "join"
-        d.rnd = SecureRound(d.device.p, cfg)
-        d.rnd.advertise()
-        d.stage = Stage.KEYS
-        return "keys"
+    def _cohort_for(self, d: SimDevice, req: AwaitCohort) -> Observation | None:
+        """The cohort that took ``d``'s check-in, from the worker's one listing of configs."""
+        cfg = self.view.taken.pop((d.client_id, req.ticket.nonce), None)
+        if cfg is None:
+            now = time.monotonic()
+            if now - d.checked_at < self.s.checkin_check_s:
+                return self._timed_out(d, req)
+            d.checked_at = now
+            if d.participant.checkin_pending(req.ticket):
+                return self._timed_out(d, req)
+            self.view.discover()  # taken: its cohort's config is already written
+            cfg = self.view.taken.pop((d.client_id, req.ticket.nonce), None)
+            if cfg is None:
+                return CheckInExpired()
+        d.joined_at = time.time()
+        return CohortFound(cfg)
 
-    def _after_phase(self, d: SimDevice, phase: Phase, m: Manifest) -> str:
-        assert d.rnd is not None
-        if phase is Phase.KEYS:
-            d.rnd.share(m)
-            if d.drop_at == "shares":
-                self._finish(d, "dropped")
-                return "share"
-            d.stage = Stage.TRAIN
-            self._queue_training(d)
-            return "share"
-        if phase is Phase.SHARES:
-            assert d.update is not None
-            delta, n = d.update
-            d.u2 = m
-            d.rnd.upload(m, delta, num_samples=n)
-            d.update = None
-            d.device._book_release(d.rnd)
-            if d.drop_at == "inputs":
-                self._finish(d, "dropped")
-                return "upload"
-            d.stage = Stage.INPUTS
-            return "upload"
-        assert d.u2 is not None
-        d.rnd.unmask(d.u2, m)
-        self._finish(d, "completed")
-        return "unmask"
+    def _phase_for(self, d: SimDevice, req: AwaitPhase) -> Observation | None:
+        """The awaited phase's manifest, or the cohort's end, from the worker's one read."""
+        cid = req.cfg.cohort_id
+        assert d.runner is not None
+        if req.vanish_point is not None and d.runner.drop.vanishes(cid, req.vanish_point):
+            return Vanished(req.vanish_point)
+        if (m := self.view.manifests.get((cid, req.phase))) is not None:
+            return ManifestRead(m)  # the machine checks it and whether it counts d
+        if cid in self.view.results:
+            return CohortEnded()
+        return self._timed_out(d, req)
 
-    def _queue_training(self, d: SimDevice) -> None:
-        assert d.cfg is not None
-        heapq.heappush(self._train_queue, (d.cfg.created_at, time.monotonic(), d.index))
+    def _timed_out(self, d: SimDevice, req: AwaitCohort | AwaitPhase) -> TimedOut | None:
+        """``TimedOut`` once ``d`` has waited ``req.timeout_s`` since its first look."""
+        now = time.monotonic()
+        if d.waiting is None or d.waiting[0] != req:
+            d.waiting = (req, now)
+        return TimedOut() if now - d.waiting[1] >= req.timeout_s else None
 
-    def _train(self, d: SimDevice) -> None:
-        if d.stage is not Stage.TRAIN or d.cfg is None:
+    def _feed(self, d: SimDevice, obs: Observation) -> None:
+        """Step ``d``'s machine by ``obs`` and perform what it says."""
+        assert d.state is not None
+        if isinstance(obs, CheckedIn):
+            d.checked_at = time.monotonic()
+        online = d.stage not in _OFFLINE
+        d.state, actions = step(d.state, obs)
+        self._active += (d.stage not in _OFFLINE) - online
+        d.waiting = None
+        self._act(d, actions)
+
+    def _act(self, d: SimDevice, actions: list[Action]) -> None:
+        """Perform the effects (a ``Leave`` reports the participation), keep the request;
+        a training request is queued unless the drop hook makes ``d`` vanish first."""
+        assert d.runner is not None
+        d.request = None
+        for a in actions:
+            if isinstance(a, _EFFECTS):
+                d.runner.perform(a)
+            else:
+                d.request = a
+        req = d.request
+        if isinstance(req, Train):
+            point = req.vanish_point
+            if point is not None and d.runner.drop.vanishes(req.cfg.cohort_id, point):
+                self._feed(d, Vanished(point))  # no training for a device that is gone
+            else:
+                heapq.heappush(self._train_queue, (req.cfg.created_at, time.monotonic(), d.index))
+
+    def _train_next(self) -> None:
+        """Train the queued device of the oldest cohort, then go on with its protocol."""
+        *_, idx = heapq.heappop(self._train_queue)
+        d = self._by_index[idx]
+        req = d.request
+        if not isinstance(req, Train):
             return  # left the cohort while queued
+        assert d.runner is not None and d.state is not None
+        d.reseed(self.s.seed * 1_000_003 + d.index * 1009 + d.state.rounds)
         t0 = time.perf_counter()
-        dev = d.device
-        dev.train = replace(dev.train, seed=self.s.seed * 1_000_003 + d.index * 1009 + d.rounds)
         try:
-            delta, n = dev._train(d.cfg)
-        except (UnusableUpdateError, NotFoundError, IntegrityError, StorageError) as exc:
-            self._finish(d, "abandoned", str(exc))
+            obs = d.runner.perform(req)
+        except StorageError as exc:  # transient (the base model's read): train again later
+            log.warning(
+                "storage error while training",
+                extra={"client_id": d.client_id, "cohort_id": req.cfg.cohort_id,
+                       "phase": d.stage.value, "reason": str(exc)},
+            )  # fmt: skip
+            heapq.heappush(self._train_queue, (req.cfg.created_at, time.monotonic(), d.index))
             return
         finally:
             self.stats.add("train", time.perf_counter() - t0)
-        if d.cfg.mode is Mode.PLAINTEXT:
-            try:
-                dev.p.upload_plain(d.cfg, delta, num_samples=n, loss=dev._loss)
-            except (AlreadyExistsError, StorageError) as exc:
-                self._finish(d, "abandoned", str(exc))
-                return
-            self._finish(d, "completed")
-            return
-        d.update = (delta, n)
-        d.stage = Stage.SHARES
+        assert obs is not None
+        self._feed(d, obs)
+        self._step(d)  # a plaintext update uploads at once
 
-    def _finish(self, d: SimDevice, outcome: str, why: str = "") -> None:
-        """End ``d``'s participation: forget its secrets, report, go back to idle."""
-        cfg = d.cfg
-        if d.rnd is not None:
-            d.rnd.erase()
-        if cfg is not None:
-            d.last_base = cfg.base_version
-            d.rounds += 1
-            self.stats.participations += 1
-            self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
-            self.report(
-                {
-                    "type": "participation",
-                    "client_id": d.client_id,
-                    "cohort_id": cfg.cohort_id,
-                    "base_version": cfg.base_version,
-                    "outcome": outcome,
-                    "joined_at": d.joined_at,
-                    "left_at": time.time(),
-                }
-            )
-            if why:
-                log.info(
-                    "participation ended",
-                    extra={"client_id": d.client_id, "cohort_id": cfg.cohort_id, "outcome": outcome, "reason": why},
-                )  # fmt: skip
-            if not any(
-                o.cfg is not None and o.cfg.cohort_id == cfg.cohort_id
-                for o in self.devices
-                if o is not d
-            ):
-                self.view.forget(cfg.cohort_id)
-                if isinstance(d.device.p.store, _SharedReads):
-                    d.device.p.store.forget(cfg.cohort_id)
-        d.cfg = d.rnd = d.u2 = d.ticket = None
-        d.update = d.drop_at = None
-        done = self.s.max_rounds and d.rounds >= self.s.max_rounds
-        if d.stage not in (Stage.IDLE, Stage.DONE):
-            self._active -= 1
-        d.stage = Stage.DONE if done else Stage.IDLE
-        self.devices.remove(d)  # to the back of the line: others come online first
+    def _left(self, d: SimDevice, leave: Leave) -> None:
+        """``d``'s participation is over (its runner forgot the secrets): report it, drop
+        the cohort's shared reads once no device of this worker is in it, and send ``d``
+        to the back of the line (others come online first)."""
+        cid, outcome = leave.cohort_id, leave.outcome.value
+        self.stats.participations += 1
+        self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+        self.report(
+            {
+                "type": "participation",
+                "client_id": d.client_id,
+                "cohort_id": cid,
+                "base_version": leave.base_version,
+                "outcome": outcome,
+                "joined_at": d.joined_at,
+                "left_at": time.time(),
+            }
+        )
+        if not any(
+            o.state is not None and o.state.cfg is not None and o.state.cfg.cohort_id == cid
+            for o in self.devices
+            if o is not d
+        ):
+            self.view.forget(cid)
+            if isinstance(d.participant.store, _SharedReads):
+                d.participant.store.forget(cid)
+        self.devices.remove(d)
         self.devices.append(d)
 
 
@@ -606,8 +667,13 @@ def build_devices(
             p, mnist.train_x[idx], mnist.train_y[idx], train, LoopSettings(),
             log=lambda m, cid=cid: log.debug(m, extra={"client_id": cid}),
         )  # fmt: skip
-        out.append(SimDevice(i, cid, idx, dev))
+        out.append(SimDevice(i, cid, idx, p, dev, reseed=partial(_reseed, dev)))
     return out
+
+
+def _reseed(dev: Any, seed: int) -> None:
+    """Train ``dev``'s next update with ``seed`` (a device's updates differ by round)."""
+    dev.train = replace(dev.train, seed=seed)
 
 
 def _worker_main(
