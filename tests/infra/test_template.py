@@ -80,13 +80,13 @@ def _run(cmd: list[str | Path], timeout: float, cwd: Path = REPO) -> subprocess.
     )
 
 
-def _cfn_lint(path: Path) -> subprocess.CompletedProcess:
+def _cfn_lint(*paths: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "cfn-lint"
     if not exe.exists():
         found = shutil.which("cfn-lint")
         assert found, "cfn-lint is not installed (pip install -e '.[dev]')"
         exe = Path(found)
-    return _run([exe, path], timeout=300)
+    return _run([exe, "--format", "json", *paths], timeout=300)
 
 
 class OfflinePolicyLoader(ManagedPolicyLoader):
@@ -159,30 +159,64 @@ def sam_build(sam_cli: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --------------------------------------------------------------------------- linters
 
 
-def test_cfn_lint_template_is_clean() -> None:
-    proc = _cfn_lint(TEMPLATE)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+@pytest.fixture(scope="module")
+def cfn_lint_matches(
+    sam_template: dict[str, Any], cfn: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, list[dict[str, Any]]]:
+    """One cfn-lint run over template.yaml, its transformed form and the cyclic control
+    (the transformed template with the bucket referenced from the function side);
+    returns each file's matches by name ("template", "transformed", "cyclic").
+
+    One process instead of one per file: each cfn-lint start loads its resource schemas
+    (seconds of CPU), and the three files are linted the same way either way.
+    """
+    tmp = tmp_path_factory.mktemp("cfn-lint")
+    transformed = tmp / "transformed.json"
+    transformed.write_text(json.dumps(cfn, indent=1))
+    tpl = copy.deepcopy(sam_template)
+    tpl["Globals"]["Function"]["Environment"]["Variables"]["BUCKET"] = {"Ref": "DataBucket"}
+    cyclic = tmp / "cyclic.json"
+    cyclic.write_text(json.dumps(_sam_transform(tpl), indent=1))
+    files = {"template": TEMPLATE, "transformed": transformed, "cyclic": cyclic}
+    proc = _cfn_lint(*files.values())
+    # The exit code is a bit mask of the levels found (2 error, 4 warning, 8 info);
+    # 1 or anything beyond the mask is a crash or a usage error.
+    assert proc.returncode & ~0b1110 == 0, f"cfn-lint crashed:\n{proc.stdout[-3000:]}{proc.stderr}"
+    matches = json.loads(proc.stdout or "[]")
+    by_path = {path.resolve(): name for name, path in files.items()}
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in files}
+    for m in matches:
+        out[by_path[Path(m["Filename"]).resolve()]].append(m)
+    assert bool(matches) == (proc.returncode != 0), (proc.returncode, proc.stdout[-3000:])
+    return out
 
 
-def test_cfn_lint_transformed_template_is_clean(cfn: dict[str, Any], tmp_path: Path) -> None:
-    out = tmp_path / "transformed.json"
-    out.write_text(json.dumps(cfn, indent=1))
-    proc = _cfn_lint(out)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def _lint_text(matches: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"{m['Rule']['Id']} {m['Level']} {'/'.join(map(str, m['Location']['Path'] or []))}: "
+        f"{m['Message']}"
+        for m in matches
+    )
+
+
+def test_cfn_lint_template_is_clean(cfn_lint_matches: dict[str, list[dict[str, Any]]]) -> None:
+    assert not cfn_lint_matches["template"], _lint_text(cfn_lint_matches["template"])
+
+
+def test_cfn_lint_transformed_template_is_clean(
+    cfn_lint_matches: dict[str, list[dict[str, Any]]],
+) -> None:
+    assert not cfn_lint_matches["transformed"], _lint_text(cfn_lint_matches["transformed"])
 
 
 def test_transform_lint_catches_a_bucket_function_cycle(
-    sam_template: dict[str, Any], tmp_path: Path
+    cfn_lint_matches: dict[str, list[dict[str, Any]]],
 ) -> None:
     """Control for the check above: referencing the bucket resource from the function side
     closes the bucket -> notification -> function -> bucket loop, and only the lint of the
     transformed template sees it."""
-    tpl = copy.deepcopy(sam_template)
-    tpl["Globals"]["Function"]["Environment"]["Variables"]["BUCKET"] = {"Ref": "DataBucket"}
-    out = tmp_path / "cyclic.json"
-    out.write_text(json.dumps(_sam_transform(tpl), indent=1))
-    proc = _cfn_lint(out)
-    assert proc.returncode != 0 and "E3004" in proc.stdout, proc.stdout + proc.stderr
+    cyclic = cfn_lint_matches["cyclic"]
+    assert any(m["Rule"]["Id"] == "E3004" for m in cyclic), _lint_text(cyclic)
 
 
 def test_sam_validate_lint_is_clean(sam_cli: Path) -> None:
