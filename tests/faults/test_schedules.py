@@ -298,7 +298,7 @@ schedules = given(
 )
 
 
-@pytest.mark.timeout(1800)  # 200 schedules in one test: about 1-2 minutes on 2 cores
+@pytest.mark.timeout(1800)  # 200 schedules in one test: a few minutes on 2 cores
 @pytest.mark.parametrize("backend", ["seaweed"], indirect=True)
 @settings(
     max_examples=SCHEDULES,
