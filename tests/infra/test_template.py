@@ -80,13 +80,52 @@ def _run(cmd: list[str | Path], timeout: float, cwd: Path = REPO) -> subprocess.
     )
 
 
-def _cfn_lint(path: Path) -> subprocess.CompletedProcess:
+class _Background:
+    """A tool started now and waited for later, so that the slow ones run side by side.
+
+    Output goes to files, not pipes: a tool that nobody reads yet (checkov's report is
+    larger than a pipe's buffer) would otherwise stall until its turn to be read.
+    """
+
+    def __init__(
+        self, cmd: list[str | Path], timeout: float, out_dir: Path, cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.timeout = timeout
+        self._out = (out_dir / "stdout").open("w+")
+        self._err = (out_dir / "stderr").open("w+")
+        self._proc = subprocess.Popen(
+            [str(c) for c in cmd], cwd=cwd, env={**_tool_env(), **(env or {})},
+            stdout=self._out, stderr=self._err, text=True,
+        )  # fmt: skip
+        self._done: subprocess.CompletedProcess | None = None
+
+    def result(self) -> subprocess.CompletedProcess:
+        if self._done is None:
+            try:
+                self._proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+                raise
+            outputs = []
+            for f in (self._out, self._err):
+                f.seek(0)
+                outputs.append(f.read())
+                f.close()
+            self._done = subprocess.CompletedProcess(
+                self._proc.args, self._proc.returncode, *outputs
+            )
+        return self._done
+
+
+def _cfn_lint_cmd(*paths: Path) -> list[str | Path]:
     exe = Path(sys.executable).parent / "cfn-lint"
     if not exe.exists():
         found = shutil.which("cfn-lint")
         assert found, "cfn-lint is not installed (pip install -e '.[dev]')"
         exe = Path(found)
-    return _run([exe, path], timeout=300)
+    return [exe, "--format", "json", *paths]
 
 
 class OfflinePolicyLoader(ManagedPolicyLoader):
@@ -145,13 +184,49 @@ def sam_cli() -> Path:
 
 
 @pytest.fixture(scope="module")
-def sam_build(sam_cli: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # sam writes build.toml next to the build directory, so nest it in a private tmp dir.
-    build_dir = tmp_path_factory.mktemp("sam") / "build"
-    proc = _run(
-        [sam_cli, "build", "--template-file", TEMPLATE, "--build-dir", build_dir],
-        timeout=600,
+def tool_runs(
+    sam_cli: Path,
+    checkov_cli: Path,
+    sam_template: dict[str, Any],
+    cfn: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    """Starts the four external tools at once: sam build, sam validate --lint, cfn-lint
+    and checkov each take seconds to tens of seconds, mostly one core each, and the
+    suite runs one test at a time; side by side they overlap. Each fixture or test
+    below waits only for its own tool (``_Background.result``)."""
+    tmp = tmp_path_factory.mktemp("tools")
+    runs: dict[str, Any] = {}
+
+    def start(name: str, cmd: list[str | Path], timeout: float, **kwargs: Any) -> _Background:
+        (tmp / name).mkdir()
+        return _Background(cmd, timeout, tmp / name, **kwargs)
+
+    # sam writes build.toml next to the build directory, so nest it in a private dir.
+    build_dir = tmp / "sam" / "build"
+    build_dir.parent.mkdir()
+    runs["build"] = (
+        start("build", [sam_cli, "build", "--template-file", TEMPLATE, "--build-dir", build_dir],
+              timeout=600),
+        build_dir,
+    )  # fmt: skip
+    lint_files = _cfn_lint_files(sam_template, cfn, tmp)
+    runs["cfn_lint"] = (start("cfn-lint", _cfn_lint_cmd(*lint_files.values()), 300), lint_files)
+    checkov_files = _checkov_files(sam_template, cfn, tmp)
+    runs["checkov"] = (
+        start("checkov", _checkov_cmd(checkov_cli, checkov_files), 300, cwd=tmp, env=CHECKOV_ENV),
+        checkov_files,
     )
+    runs["validate"] = start(
+        "validate", [sam_cli, "validate", "--lint", "--template-file", TEMPLATE], 300
+    )
+    return runs
+
+
+@pytest.fixture(scope="module")
+def sam_build(tool_runs: dict[str, Any]) -> Path:
+    run, build_dir = tool_runs["build"]
+    proc = run.result()
     assert proc.returncode == 0, f"sam build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     return build_dir
 
@@ -159,34 +234,68 @@ def sam_build(sam_cli: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --------------------------------------------------------------------------- linters
 
 
-def test_cfn_lint_template_is_clean() -> None:
-    proc = _cfn_lint(TEMPLATE)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def _cfn_lint_files(
+    sam_template: dict[str, Any], cfn: dict[str, Any], tmp: Path
+) -> dict[str, Path]:
+    """template.yaml, its transformed form and the cyclic control (the transformed template
+    with the bucket referenced from the function side), for one cfn-lint run: each
+    cfn-lint start loads its resource schemas (seconds of CPU), once for the three."""
+    transformed = tmp / "transformed.json"
+    transformed.write_text(json.dumps(cfn, indent=1))
+    tpl = copy.deepcopy(sam_template)
+    tpl["Globals"]["Function"]["Environment"]["Variables"]["BUCKET"] = {"Ref": "DataBucket"}
+    cyclic = tmp / "cyclic.json"
+    cyclic.write_text(json.dumps(_sam_transform(tpl), indent=1))
+    return {"template": TEMPLATE, "transformed": transformed, "cyclic": cyclic}
 
 
-def test_cfn_lint_transformed_template_is_clean(cfn: dict[str, Any], tmp_path: Path) -> None:
-    out = tmp_path / "transformed.json"
-    out.write_text(json.dumps(cfn, indent=1))
-    proc = _cfn_lint(out)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+@pytest.fixture(scope="module")
+def cfn_lint_matches(tool_runs: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """cfn-lint's matches for each file of ``_cfn_lint_files``, by its name there."""
+    run, files = tool_runs["cfn_lint"]
+    proc = run.result()
+    # The exit code is a bit mask of the levels found (2 error, 4 warning, 8 info);
+    # 1 or anything beyond the mask is a crash or a usage error.
+    assert proc.returncode & ~0b1110 == 0, f"cfn-lint crashed:\n{proc.stdout[-3000:]}{proc.stderr}"
+    matches = json.loads(proc.stdout or "[]")
+    by_path = {path.resolve(): name for name, path in files.items()}
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in files}
+    for m in matches:
+        out[by_path[Path(m["Filename"]).resolve()]].append(m)
+    assert bool(matches) == (proc.returncode != 0), (proc.returncode, proc.stdout[-3000:])
+    return out
+
+
+def _lint_text(matches: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"{m['Rule']['Id']} {m['Level']} {'/'.join(map(str, m['Location']['Path'] or []))}: "
+        f"{m['Message']}"
+        for m in matches
+    )
+
+
+def test_cfn_lint_template_is_clean(cfn_lint_matches: dict[str, list[dict[str, Any]]]) -> None:
+    assert not cfn_lint_matches["template"], _lint_text(cfn_lint_matches["template"])
+
+
+def test_cfn_lint_transformed_template_is_clean(
+    cfn_lint_matches: dict[str, list[dict[str, Any]]],
+) -> None:
+    assert not cfn_lint_matches["transformed"], _lint_text(cfn_lint_matches["transformed"])
 
 
 def test_transform_lint_catches_a_bucket_function_cycle(
-    sam_template: dict[str, Any], tmp_path: Path
+    cfn_lint_matches: dict[str, list[dict[str, Any]]],
 ) -> None:
     """Control for the check above: referencing the bucket resource from the function side
     closes the bucket -> notification -> function -> bucket loop, and only the lint of the
     transformed template sees it."""
-    tpl = copy.deepcopy(sam_template)
-    tpl["Globals"]["Function"]["Environment"]["Variables"]["BUCKET"] = {"Ref": "DataBucket"}
-    out = tmp_path / "cyclic.json"
-    out.write_text(json.dumps(_sam_transform(tpl), indent=1))
-    proc = _cfn_lint(out)
-    assert proc.returncode != 0 and "E3004" in proc.stdout, proc.stdout + proc.stderr
+    cyclic = cfn_lint_matches["cyclic"]
+    assert any(m["Rule"]["Id"] == "E3004" for m in cyclic), _lint_text(cyclic)
 
 
-def test_sam_validate_lint_is_clean(sam_cli: Path) -> None:
-    proc = _run([sam_cli, "validate", "--lint", "--template-file", TEMPLATE], timeout=300)
+def test_sam_validate_lint_is_clean(tool_runs: dict[str, Any]) -> None:
+    proc = tool_runs["validate"].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -658,19 +767,15 @@ def _carry_skips_to_generated(sam_template: dict[str, Any], cfn: dict[str, Any])
     return out
 
 
-@pytest.fixture(scope="module")
-def checkov_report(
-    checkov_cli: Path,
-    sam_template: dict[str, Any],
-    cfn: dict[str, Any],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> dict[str, Any]:
-    """One checkov run over template.yaml, transformed.json and control.json (a copy of the
-    transformed template with versioning suspended, no public access block and without the
-    DLQ's skip); returns {"report": checkov's JSON, "files": {name: absolute path}}."""
-    tmp = tmp_path_factory.mktemp("checkov")
+CHECKOV_ENV = {"CKV_SKIP_PACKAGE_UPDATE_CHECK": "true", "BC_SKIP_MAPPING": "TRUE"}
+
+
+def _checkov_files(sam_template: dict[str, Any], cfn: dict[str, Any], tmp: Path) -> dict[str, Path]:
+    """template.yaml, transformed.json and control.json (a copy of the transformed template
+    with versioning suspended, no public access block and without the DLQ's skip), for
+    one checkov run."""
     scanned = _carry_skips_to_generated(sam_template, cfn)
-    transformed = tmp / "transformed.json"
+    transformed = tmp / "checkov-transformed.json"
     transformed.write_text(json.dumps(scanned, indent=1))
     control = copy.deepcopy(scanned)
     bucket = control["Resources"]["DataBucket"]
@@ -679,16 +784,23 @@ def checkov_report(
     control["Resources"]["DeadLetterQueue"].pop("Metadata")
     control_path = tmp / "control.json"
     control_path.write_text(json.dumps(control, indent=1))
-    files = {"template": TEMPLATE, "transformed": transformed, "control": control_path}
+    return {"template": TEMPLATE, "transformed": transformed, "control": control_path}
+
+
+def _checkov_cmd(checkov_cli: Path, files: dict[str, Path]) -> list[str | Path]:
     cmd: list[str | Path] = [checkov_cli, "--framework", "cloudformation", "--output", "json"]
     cmd += ["--skip-download"]  # offline: no Prisma Cloud guidelines or custom policies
     for path in files.values():
         cmd += ["--file", path]
-    env = {"CKV_SKIP_PACKAGE_UPDATE_CHECK": "true", "BC_SKIP_MAPPING": "TRUE"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        proc = _run(cmd, timeout=300, cwd=tmp)
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def checkov_report(tool_runs: dict[str, Any]) -> dict[str, Any]:
+    """The one checkov run over the files of ``_checkov_files``; returns
+    {"report": checkov's JSON, "files": {name: absolute path}}."""
+    run, files = tool_runs["checkov"]
+    proc = run.result()
     # Exit 1 means failed checks (expected: the control); anything else is a crash.
     assert proc.returncode in (0, 1), (
         f"checkov crashed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
