@@ -88,13 +88,19 @@ OPTIMIZERS = {
 }
 
 
-def plaintext_cohort(h: SyncFunctions, clients: list[str]) -> CohortConfig:
-    """A plaintext cohort in which every member uploads."""
+def plaintext_cohort(h: SyncFunctions, clients: list[str], *, late: int = 0) -> CohortConfig:
+    """A plaintext cohort in which every member uploads; the last ``late`` members upload
+    only after the inputs deadline has closed the phase (and the cohort applied)."""
     parts = [participant(h.store, c) for c in clients]
     cfg = h.join(parts)
-    for i, p in enumerate(parts):
+    for i, p in enumerate(parts[: len(parts) - late]):
         p.upload_plain(cfg, delta_for(p.client_id), num_samples=10 + i, loss=0.5)
     h.deliver()
+    if late:
+        h.sweep(advance_s=ROUND_S + 1)
+        for p in parts[len(parts) - late :]:
+            p.upload_plain(cfg, delta_for(p.client_id), num_samples=5, loss=0.5)
+        h.deliver()  # late objects: not counted (the size check reads their HEAD)
     return cfg
 
 
@@ -176,6 +182,10 @@ def run_scenario(h: SyncFunctions, mode: str) -> set[str]:
         wrong.check_in(find_head(h.store))
         cfg = plaintext_cohort(h, ["p00", "p01", "p02", "p03"])
         assert_applied(h, cfg, ["p00", "p01", "p02", "p03"])
+        applied.add(cfg.cohort_id)
+        # A member whose upload arrives after the deadline closed the phase is not counted.
+        cfg = plaintext_cohort(h, ["r00", "r01", "r02", "r03"], late=1)
+        assert_applied(h, cfg, ["r00", "r01", "r02"])
         applied.add(cfg.cohort_id)
         # Two check-ins form a partial cohort at the check-in deadline.
         parts = [participant(h.store, c) for c in ("q00", "q01", "q02")]
