@@ -47,6 +47,7 @@ from fedcore.device.machine import (
     Stage,
     manifest_fault,
     not_admitted,
+    params_fault,
     start,
     step,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "flatten_weighted",
     "manifest_fault",
     "not_admitted",
+    "params_fault",
     "run_cohort",
     "start",
     "step",

@@ -108,9 +108,20 @@ class FaultKind(Enum):
     NOT_FOUND = "not_found"  # an object the protocol needs is missing (NotFoundError)
 
 
+# The device's own floors for a secure cohort's parameters (DESIGN.md section 4, step 2).
+# The server writes the config; a device that took its threshold and minimum on trust
+# would let a malicious server set t = 1 and read a chosen member's update alone.
+DEVICE_MIN_DEGREE = 8  # neighbours per member (capped at n - 1: all pairs in a small cohort)
+DEVICE_MIN_SURVIVORS = 2  # fewer counted inputs than this reveal one member to another
+
+
 @dataclass(frozen=True)
 class Settings:
-    """The device's standing terms (``edge_client``'s LoopSettings, minus polling)."""
+    """The device's standing terms (``edge_client``'s LoopSettings, minus polling).
+
+    ``min_degree`` and ``min_survivors`` are the floors a secure cohort's config must
+    meet (``params_fault``); they are the device's own, never read from the bucket.
+    """
 
     client_id: str
     mode: Mode
@@ -122,6 +133,8 @@ class Settings:
     retry_s: float = 2.0  # first back-off before checking in again after an uncounted cohort
     max_retry_s: float = 60.0  # the back-off doubles per retry up to this (the runner jitters it)
     train_margin_s: float = 5.0  # of the inputs deadline kept for masking and the upload
+    min_degree: int = DEVICE_MIN_DEGREE  # a secure cohort's k at least min(this, n - 1)
+    min_survivors: int = DEVICE_MIN_SURVIVORS  # a secure cohort's min_members at least this
 
 
 @dataclass(frozen=True)
@@ -427,6 +440,51 @@ def not_admitted(m: Manifest, cfg: CohortConfig, me: str) -> str | None:
     return None
 
 
+def params_fault(cfg: CohortConfig, settings: Settings) -> str | None:
+    """Why this device refuses a secure cohort's server-written parameters; None if it accepts.
+
+    Security first: every number here comes from an object the server wrote, so each is
+    checked against what the protocol needs and the device's own floors, not trusted.
+
+    - ``t`` must be a strict majority of a member's ``k + 1`` share holders (its
+      neighbours and itself): honest holders reveal one kind of share per member, and
+      only a majority makes "never both" binding (Bonawitz et al. 2017, section 4);
+      ``t = 1`` would let the server alone rebuild a chosen member's self-mask.
+    - ``k`` at least ``min(settings.min_degree, n - 1)``: too few neighbours and a
+      handful of colluders surround a member (Bell et al. 2020, section 3).
+    - the least number of inputs a member reveals for, ``max(min_members, t)``, at
+      least ``settings.min_survivors``.
+    - the neighbour graph is the one this device derives from the public ``graph_seed``
+      (``SecAggParams.graph``); the config carries no graph the server could swap, and
+      the derivation must give this device at least ``k`` neighbours (cap ``n - 1``).
+    """
+    p = cfg.secagg
+    if p is None:
+        return None
+    n = len(cfg.members)
+    holders = p.k + 1
+    if not (2 * p.t > holders and p.t <= holders):
+        return f"threshold t={p.t} is not a strict majority of the k+1={holders} share holders"
+    floor_k = min(settings.min_degree, max(1, n - 1))
+    if p.k < floor_k:
+        return f"degree k={p.k} is below this device's floor {floor_k} for {n} members"
+    # A member never reveals for fewer than max(min_members, t) inputs (SecureRound.unmask).
+    if (least := max(cfg.min_members, p.t)) < settings.min_survivors:
+        return (
+            f"minimum survivors {least} (min_members {cfg.min_members}, t={p.t}) is below "
+            f"this device's floor {settings.min_survivors}"
+        )
+    me = settings.client_id
+    if me in cfg.members:
+        try:
+            mine = p.graph(sorted(cfg.members))[me]
+        except ValueError as exc:
+            return f"cannot derive the neighbour graph from graph_seed: {exc}"
+        if len(mine) < min(p.k, n - 1):
+            return f"the graph derived from graph_seed gives {len(mine)} neighbours < k={p.k}"
+    return None
+
+
 def not_a_member(cfg: CohortConfig, me: str) -> str | None:
     """A config that does not name this device is not ours to play (IntegrityError text)."""
     if me not in cfg.members:
@@ -659,6 +717,10 @@ def _found(state: DeviceState, obs: CohortFound) -> Transition:
             )
         )
         return _leave(joined, Outcome.REFUSED, said, reason=f"cohort runs {cfg.mode.value!r}")
+    if (why := params_fault(cfg, state.settings)) is not None:
+        # Logged with its reason (Say carries it to the structured log), never counted.
+        said.append(Say(f"refusing {cfg.cohort_id}: {why}", logging.WARNING, why))
+        return _leave(joined, Outcome.REFUSED, said, reason=why)
     return replace(joined, stage=Stage.ADMISSION), said
 
 

@@ -85,6 +85,10 @@ class SecAggParams:
 
     @classmethod
     def from_dict(cls, doc: Any, *, where: str) -> SecAggParams:
+        """Strict: a key the protocol does not know (a server-written neighbour list, say)
+        is refused, never silently ignored; the graph is derived from ``graph_seed`` only."""
+        if isinstance(doc, dict) and (unknown := sorted(set(doc) - _PARAM_FIELDS)):
+            raise IntegrityError(f"{where}: unknown secagg parameters {unknown}")
         try:
             p = cls(
                 k=int(doc["k"]),
@@ -104,6 +108,9 @@ class SecAggParams:
 
     def graph(self, members: list[str]) -> dict[str, set[str]]:
         return neighbours(sorted(members), k=self.k, seed=bytes.fromhex(self.graph_seed))
+
+
+_PARAM_FIELDS = frozenset({"k", "t", "graph_seed", "clip", "bits", "weight_cap"})
 
 
 def member_index(members: list[str], client: str) -> int:

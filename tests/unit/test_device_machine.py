@@ -674,3 +674,62 @@ def test_random_drop_draws_once_per_cohort() -> None:
     assert not hook.vanishes("c1", DropPoint.KEYS)  # the draw: 0.1 < 0.5, at shares
     assert hook.vanishes("c1", DropPoint.SHARES)
     assert not hook.vanishes("c2", DropPoint.KEYS) and not hook.vanishes("c2", DropPoint.SHARES)
+
+
+# --------------------------------------------------------------------------- parameter floors
+@pytest.mark.parametrize(
+    ("over", "why"),
+    [
+        ({"t": 1}, "threshold t=1 is not a strict majority"),
+        ({"t": 2}, "threshold t=2 is not a strict majority"),  # 2 of 4 holders: a tie
+        ({"t": 5}, "threshold t=5 is not a strict majority"),  # more than k + 1 holders
+        ({"k": 2, "t": 2}, "degree k=2 is below this device's floor 3"),
+    ],
+)
+def test_server_written_parameters_below_the_device_floors_are_refused(
+    over: dict[str, Any], why: str
+) -> None:
+    """GIVEN a config whose threshold or degree a malicious server chose (t = 1 lets it
+    rebuild a member's self-mask alone) WHEN the device finds it THEN it refuses the cohort,
+    uncounted, and logs the reason (a warning whose reason names the parameter)."""
+    base = config()
+    assert base.secagg is not None
+    cfg = replace(base, secagg=replace(base.secagg, **over))
+    state, actions = m.join(settings_(), cfg)
+    assert state.stage is Stage.IDLE and state.rounds == 0
+    [leave] = left(actions)
+    assert leave.outcome is Outcome.REFUSED and why in leave.reason
+    assert any(
+        a.level == logging.WARNING and why in a.reason for a in actions if isinstance(a, m.Say)
+    )
+    assert not any(isinstance(a, m.Advertise | m.CheckUserPrivacy) for a in actions)
+
+
+def test_minimum_survivors_below_the_device_floor_is_refused() -> None:
+    """GIVEN a config whose least reveal set, max(min_members, t), is below the device's own
+    floor THEN the device refuses it; at or above the floor it goes on to admission."""
+    state, actions = m.join(settings_(min_survivors=4), config(min_members=3))
+    [leave] = left(actions)
+    assert leave.outcome is Outcome.REFUSED and "minimum survivors 3" in leave.reason
+    state, _ = m.join(settings_(min_survivors=3), config(min_members=1))  # t = 3 holds it
+    assert state.stage is Stage.ADMISSION
+
+
+def test_the_graph_is_derived_by_the_device_not_read_from_the_config() -> None:
+    """GIVEN a config carrying a server-written graph THEN parsing refuses it (unknown
+    params), and the device's graph comes from graph_seed alone."""
+    from fedcore.errors import IntegrityError
+    from fedcore.messages import encode_config, parse_config
+
+    cfg = config()
+    doc = cfg.to_doc()
+    doc["params"]["graph"] = {ME: ["b"]}
+    import json
+
+    with pytest.raises(IntegrityError, match="unknown params"):
+        parse_config(json.dumps(doc).encode(), where="cfg")
+    with pytest.raises(IntegrityError, match="unknown secagg parameters"):
+        doc = cfg.to_doc()
+        doc["params"]["secagg"]["neighbours"] = {ME: ["b"]}
+        parse_config(json.dumps(doc).encode(), where="cfg")
+    assert m.params_fault(parse_config(encode_config(cfg), where="cfg"), settings_()) is None
