@@ -205,8 +205,10 @@ class Schedule:
 
 
 def expected_mean(members: list[Member], mode: str) -> tuple[dict[str, np.ndarray], float]:
+    # Sample counts are capped at the weight cap in both modes (plaintext since the
+    # function bounds each member's weight, as masked weights always were).
     w = {
-        m.client: float(m.samples)
+        m.client: float(min(m.samples, WEIGHT_CAP))
         if mode == "plaintext"
         else min(m.samples, WEIGHT_CAP) / WEIGHT_CAP
         for m in members
