@@ -43,7 +43,7 @@ from tests.sync_functions import SyncFunctions
 ROUND_S = 30.0
 WEIGHT_CAP = 100
 SCHEDULES = int(os.environ.get("SCHEDULES", "200"))  # on SeaweedFS
-MOTO_SCHEDULES = int(os.environ.get("MOTO_SCHEDULES", "20"))
+MOTO_SCHEDULES = int(os.environ.get("MOTO_SCHEDULES", "10"))
 STAGES = ("checkin", "find", "keys", "shares", "inputs", "unmask", "done")
 
 
