@@ -166,7 +166,7 @@ def test_only_the_cohort_listings_are_allowed(client: str, prefix: str) -> None:
 
 
 def test_devices_read_what_the_protocol_needs() -> None:
-    """The reads the device code makes (participant.py, secure_round.py, status.py)."""
+    """The reads the device code makes (participant.py, fedcore/device/secure.py, status.py)."""
     me, peer, cid = "dev-1", "dev-2", "c00000007"
     look = members(cid, {me, peer})
     for key in [
