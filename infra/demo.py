@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as stack:
         print(
             f"S3 API {stack.endpoint_url}, bucket {bucket}; device logs in {out / 'devices'}, "
-            f"function logs in {out / 'functions.log'}"
+            f"function logs in {out / 'functions.log'}, S3 server errors in {out / 's3server.log'}"
         )
         params, _, _ = load_model(stack.store, 0)
         acc0, _ = evaluate(build(params, activation=activation), mnist.test_x, mnist.test_y)

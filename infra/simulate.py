@@ -140,7 +140,8 @@ def run(
     t0 = time.monotonic()
     with contextlib.ExitStack() as resources:
         if endpoint_url is None:
-            endpoint_url = resources.enter_context(moto_process())
+            server_log = Path(log_path).with_name("s3server.log") if log_path else None
+            endpoint_url = resources.enter_context(moto_process(log_path=server_log))
         with LocalStack(
             endpoint_url=endpoint_url, bucket=bucket, settings=report["server"],
             pump_interval_s=pump_interval_s, sweep_interval_s=sweep_interval_s, log_path=log_path,

@@ -123,7 +123,9 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         if self._given_endpoint is None:
-            self._server = EmbeddedS3().start()
+            # The server's own errors go beside the function logs (s3server.log).
+            server_log = self.log_path.with_name("s3server.log") if self.log_path else None
+            self._server = EmbeddedS3(log_path=server_log).start()
             self.endpoint_url = self._server.endpoint_url
             self.s3_meter = self._server.meter
         # The handlers read their settings from the process environment (as on Lambda);
