@@ -26,6 +26,7 @@ from fedcore.device.machine import Leave
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig, Mode
 from fedcore.server.deadlines import TRAIN_P90, TRAIN_REPORTS
+from fedcore.status import describe
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, read_meta, seed
 from infra.stack import LocalStack
@@ -107,6 +108,8 @@ def test_next_cohort_forms_and_applies_after_every_member_missed_the_deadline(
         cid = first[0]
         aborted = participant(store, "a").result(cid)
         assert aborted is not None and aborted.status == "aborted"
+        shown = {c.cohort_id: c for c in describe(store, versions=0).cohorts}[cid]
+        assert (shown.outcome, shown.reason) == ("aborted", aborted.reason)  # the demo says why
         for c in CLIENTS:
             ways = [(leave.cohort_id, leave.outcome.value) for leave in leaves[c]]
             # plaintext: the late upload completed, then the result said aborted;
@@ -147,6 +150,10 @@ def test_inputs_deadline_adapts_to_reported_training_seconds(
         assert cfg.phase_s["inputs"] == 80.0
         participant(store, "a").upload_plain(cfg, delta_for("a"), num_samples=10, loss=0.5)
         inputs = layout.state_key(cfg.cohort_id, Phase.INPUTS)
+        # What the demo's waiting line reads: the open phase, who it waits for, its deadline.
+        shown = {c.cohort_id: c for c in describe(store, versions=0).cohorts}[cfg.cohort_id]
+        assert (shown.open_phase, shown.expected, shown.waiting_for) == ("inputs", 2, 1)
+        assert shown.deadline_at == pytest.approx(cfg.created_at + 80.0)
         st.advance(20.0 + 1)
         assert store.head(inputs) is None  # the fixed deadline would have closed it
         st.advance(60.0)
@@ -208,5 +215,9 @@ def test_secure_inputs_deadline_adapts_to_the_signed_training_seconds(
         cfgs = join_all(store, list(CLIENTS), 1, mode="secagg")
         assert cfgs["a"].phase_s["inputs"] == pytest.approx(2 * metrics[TRAIN_P90])
         assert cfgs["a"].phase_s["keys"] == 20.0  # the short rounds keep their fixed limit
+        cid = cfgs["a"].cohort_id
+        shown = {c.cohort_id: c for c in describe(store, versions=0).cohorts}[cid]
+        assert (shown.open_phase, shown.waiting_for) == ("keys", len(CLIENTS))
+        assert shown.deadline_at == pytest.approx(cfgs["a"].created_at + 20.0)
         st.pump.drain()
         assert st.pump.stats.dead_letters == []
