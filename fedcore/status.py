@@ -101,8 +101,8 @@ def describe(store: ObjectStore, *, versions: int = 10, cohorts: int = 10) -> Bu
 
 
 def _progress(store: ObjectStore, cfg: CohortConfig, objs: set[str], cv: CohortView) -> None:
-    """Fill an open cohort's phase, counts and deadline as the sweeper sees them (one read:
-    the previous phase's manifest, whose members the open phase expects)."""
+    """Fill an open cohort's phase, counts and deadline as the sweeper sees them (reads: the
+    closed phases' manifests; the last one's members are whom the open phase expects)."""
     cid = cfg.cohort_id
     expected, start = sorted(cfg.members), cfg.created_at
     for phase in PHASES[cfg.mode]:
