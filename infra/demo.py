@@ -27,21 +27,23 @@ from typing import Any
 from edge_client import defaults as d
 from fedcore import layout
 from fedcore.dp.ledger import STATE_FILE, ReleaseTally
-from fedcore.errors import NotFoundError
+from fedcore.errors import FedError, NotFoundError
 from fedcore.gateway import issue_token
 from fedcore.layout import Phase
 from fedcore.messages import parse_result
 from fedcore.server.settings import ServerSettings
-from fedcore.status import cohort_ids
+from fedcore.status import cohort_ids, describe
 from fedcore.storage import S3Store
 from fedcore.versions import load_model
 from infra import cost
 from infra.stack import LocalStack
-from infra.watch import Ended, VersionWatch
+from infra.watch import Ended, VersionWatch, waiting_lines
 
 PLAIN_TRAINING = {**asdict(d.DEVICE_TRAINING), "round_deadline_s": 90.0, "versions": 8}
 # DP-SGD is about 3x slower per example: a longer input round and fewer versions.
 DP_TRAINING = {**asdict(d.DP_SGD_TRAINING), "round_deadline_s": 400.0, "versions": 4}
+# While no new version comes: at most this often, a line per open cohort saying why.
+NOTE_EVERY_S = 10.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,6 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"limit of the training/input round ({plain['round_deadline_s']:.0f} s; "
         f"DP-SGD: {dp['round_deadline_s']:.0f} s)",
+    )
+    p.add_argument(
+        "--deadline-margin",
+        type=float,
+        default=server.deadline_margin,
+        help="adaptive inputs deadlines: this many times what recent members needed to "
+        "train, within the server's DEADLINE_MIN_S/DEADLINE_MAX_S (0: off, the fixed "
+        "--round-deadline-s; see the README's 'Slow and uneven devices')",
     )
     p.add_argument(
         "--short-round-s",
@@ -258,6 +268,22 @@ def cohort_outcomes(store: S3Store, versions: list[dict[str, Any]]) -> dict[str,
     }
 
 
+def why_waiting(stack: LocalStack, version: int, t0: float, explained: set[str]) -> list[str]:
+    """The waiting lines (``infra.watch.waiting_lines``) from the bucket's status view; adds
+    the aborted cohorts they explain to ``explained`` so each reason is printed once."""
+    elapsed = time.monotonic() - t0
+    try:
+        view = describe(stack.store, versions=0, cohorts=8)
+    except FedError as exc:  # a status read is no reason to stop the run
+        return [f"... waiting for v{version} ({elapsed:.0f}s): cannot read the bucket ({exc})"]
+    now = (stack.clock or time.time)()
+    lines = waiting_lines(
+        view, next_version=version, elapsed_s=elapsed, now=now, reported=explained
+    )
+    explained.update(c.cohort_id for c in view.cohorts if c.outcome == "aborted")
+    return lines
+
+
 def cost_section(stack: LocalStack, versions: list[dict[str, Any]]) -> dict[str, Any]:
     """What this run would cost on AWS (infra/cost.py; prices in infra/aws-prices.json)."""
     if stack.s3_meter is None:
@@ -337,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "cohort_size": args.cohort_size,
         "min_cohort_size": args.min_cohort_size,
         "round_deadline_s": args.round_deadline_s,
+        "deadline_margin": args.deadline_margin,
         "checkin_wait_s": 10.0,
         "stuck_after_s": 30.0,
         "server_lr": args.server_lr,
@@ -370,13 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         tally = ReleaseTally()
         watch = VersionWatch(stack.store, max_s=args.timeout_s, t0=t0, seen=0)
         last_note = time.monotonic()
+        explained: set[str] = set()  # aborted cohorts whose reason was printed
 
         def wait() -> None:
             nonlocal last_note
-            if time.monotonic() - last_note > 30:
-                print(
-                    f"... waiting for v{watch.seen + 1} ({time.monotonic() - t0:.0f}s)", flush=True
-                )
+            if time.monotonic() - last_note > NOTE_EVERY_S:
+                print("\n".join(why_waiting(stack, watch.seen + 1, t0, explained)), flush=True)
                 last_note = time.monotonic()
             time.sleep(0.5)
 

@@ -6,18 +6,23 @@ sleeps), read the head, load every version past the last one seen, and end
 when the time is up or whatever makes versions has exited. What a run does
 with each version (evaluate it, build its report entry, print a line) stays
 with the run; the loop, its clock and why it ended live here once.
+
+``waiting_lines`` says why no version came yet, from ``fedcore.status.describe``'s
+view: each open cohort's phase, how many members it waits for and when its deadline
+falls, and each aborted cohort's reason (once).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 
 from fedcore.codec import ModelMeta
+from fedcore.status import BucketView, CohortView
 from fedcore.storage import ObjectStore
 from fedcore.versions import find_head, load_model
 
@@ -82,3 +87,40 @@ class VersionWatch:
                 self.ended = Ended.EXITED
                 return
         self.ended = Ended.TIMEOUT
+
+
+def waiting_lines(
+    view: BucketView,
+    *,
+    next_version: int,
+    elapsed_s: float,
+    now: float,
+    reported: Collection[str] = (),
+) -> list[str]:
+    """Why the run is still waiting for ``next_version``: a header, then one line per open
+    cohort and per aborted cohort not in ``reported`` (ids already explained).
+
+    ``now`` is on the server's clock (the deadlines' clock: ``time.time()`` unless the
+    stack runs on another); a deadline in the past means the next sweep closes the phase.
+    """
+    open_ = [c for c in view.cohorts if c.outcome is None and c.open_phase is not None]
+    aborted = [c for c in view.cohorts if c.outcome == "aborted" and c.cohort_id not in reported]
+    what = (
+        f"{len(open_)} open cohort{'' if len(open_) == 1 else 's'}" if open_ else "no open cohort"
+    )
+    lines = [f"... waiting for v{next_version} ({elapsed_s:.0f}s): {what}"]
+    lines += [f"    {_open_line(c, now)}" for c in open_]
+    lines += [f"    {c.cohort_id} aborted: {c.reason or 'no reason recorded'}" for c in aborted]
+    return lines
+
+
+def _open_line(c: CohortView, now: float) -> str:
+    base = f"{c.cohort_id} (base v{c.base_version})"
+    if c.open_phase == "finalize":
+        return f"{base}: every phase closed, being finalized"
+    waits = f"{c.open_phase}, waiting for {c.waiting_for} of {c.expected}"
+    if c.deadline_at is None:
+        return f"{base}: {waits}, no deadline"
+    left = c.deadline_at - now
+    when = f"deadline in {left:.0f}s" if left >= 0 else f"deadline passed {-left:.0f}s ago"
+    return f"{base}: {waits}, {when}"

@@ -362,7 +362,9 @@ class Runner:
                 return Trained(self.update.num_samples)
             case UploadMasked():
                 rnd, update = self._open_round(), self._trained()
-                rnd.upload(action.u2, update.delta, num_samples=update.num_samples)
+                rnd.upload(
+                    action.u2, update.delta, num_samples=update.num_samples, train_s=self.train_s
+                )
                 self.update = None
                 rdp = None if rnd.privacy_rdp is None else tuple(rnd.privacy_rdp)
                 return Uploaded(rnd.clipped, rnd.dp_norm, rdp)

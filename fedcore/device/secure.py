@@ -173,7 +173,16 @@ class SecureRound:
         return self._put(Kind.SHARES, encode_shares(msg, self._sk))
 
     # -- round 3 -------------------------------------------------------------
-    def upload(self, u2: Manifest, delta: Mapping[str, np.ndarray], *, num_samples: int) -> str:
+    def upload(
+        self,
+        u2: Manifest,
+        delta: Mapping[str, np.ndarray],
+        *,
+        num_samples: int,
+        train_s: float | None = None,
+    ) -> str:
+        """Round 3; ``train_s``, the seconds local training took, goes into the signed
+        metadata to size later cohorts' deadlines (None: not reported)."""
         if self.me not in u2.members or self._b is None:
             raise ProtocolError(f"{self.me} is not in U2 of {self.cfg.cohort_id}")
         if (
@@ -211,6 +220,7 @@ class SecureRound:
         meta = MaskedMeta(
             self.cfg.cohort_id, self.me, self.cfg.base_version, int(masked.size),
             hashlib.sha256(memoryview(masked)).hexdigest(),
+            None if train_s is None else round(min(max(float(train_s), 0.0), 1e6), 3),
         )  # fmt: skip
         blob = encode_tensors({MASKED_TENSOR: masked}, masked_metadata(meta, self._sk))
         if self.clipped:

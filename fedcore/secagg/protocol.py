@@ -308,10 +308,17 @@ class MaskedMeta:
     base_version: int
     length: int
     digest: str  # sha256 hex of the uint32 tensor's bytes
+    # Seconds the member's local training took (sizes later cohorts' inputs deadlines,
+    # ``fedcore.server.deadlines``). Optional and left out of the signed document when
+    # None, so an upload without it is byte-for-byte what it was before the field. It
+    # tells the server little that the upload's arrival time does not already show.
+    train_s: float | None = None
 
 
 def masked_metadata(meta: MaskedMeta, signing_key: bytes) -> dict[str, str]:
     doc = asdict(meta)
+    if doc["train_s"] is None:
+        del doc["train_s"]
     doc["signature"] = crypto.sign(signing_key, DOMAIN_MASKED, doc)
     return {"format": MASKED_FORMAT, "fedcore": json.dumps(doc, sort_keys=True)}
 
@@ -332,9 +339,19 @@ def parse_masked_metadata(
             base_version=int(doc["base_version"]),
             length=int(doc["length"]),
             digest=str(doc["digest"]),
+            train_s=_train_s(doc.get("train_s"), where),
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise IntegrityError(f"{where}: masked metadata invalid: {exc!r}") from None
+
+
+def _train_s(value: Any, where: str) -> float | None:
+    """The optional signed ``train_s``: absent, or seconds in [0, 1e6] (as ``UpdateMeta``)."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1e6:
+        raise IntegrityError(f"{where}: train_s must be a number of seconds in [0, 1e6]")
+    return float(value)
 
 
 # -- round 4: Unmask ------------------------------------------------------------

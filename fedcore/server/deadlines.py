@@ -2,13 +2,23 @@
 
 A fixed deadline with a fixed amount of local work means that when every device is
 slower than the deadline, every cohort aborts. Devices report the seconds their
-local training took in their upload metadata (``UpdateMeta.train_s``); each applied
-version's metrics keep the cohort's 90th percentile of them (``train_s_p90``), so
-"recent" needs no database: formation reads the last ``deadline_window`` versions'
-metrics and sizes the new cohort's inputs deadline as ``deadline_margin`` times the
-slowest of those percentiles, within ``[deadline_min_s, deadline_max_s]``. Without
-reports (a fresh bucket, old devices) or with ``deadline_margin`` 0, it is
-``round_deadline_s`` as before.
+local training took in their upload metadata: ``UpdateMeta.train_s`` in plaintext,
+the signed ``MaskedMeta.train_s`` under secure aggregation (the input round's close
+keeps the cohort's percentile with the masked sum, ``secure.encode_sum``, until the
+finalize writes the version). Each applied version's metrics keep the cohort's 90th
+percentile of them (``train_s_p90``), so "recent" needs no database: formation reads
+the last ``deadline_window`` versions' metrics and sizes the new cohort's inputs
+deadline as ``deadline_margin`` times the slowest of those percentiles, within
+``[deadline_min_s, deadline_max_s]``. Without reports (a fresh bucket, old devices)
+or with ``deadline_margin`` 0, it is ``round_deadline_s`` as before.
+
+Slow devices are not shut out for good: a device trains only what fits in its
+cohort's inputs limit less a margin (``fedcore.device.machine.train_box``) and reports
+those seconds, so when the slow members are the percentile, the next deadline is
+``deadline_margin`` times (the limit less the margin), about 1.4 times the limit or more
+for a margin of 2: deadlines grow until the slow members finish their local work,
+up to ``deadline_max_s``, and shrink again (over ``deadline_window`` versions) when
+they no longer need it.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ from fedcore.server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 TRAIN_P90 = "train_s_p90"  # the version metric: the cohort's 90th percentile of train_s
+TRAIN_REPORTS = "train_s_reports"  # how many members reported train_s
+TRAIN_METRICS = (TRAIN_P90, TRAIN_REPORTS)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -37,7 +49,7 @@ def train_metrics(reported: Sequence[float]) -> dict[str, Any]:
     """The version metrics recording what the cohort's members reported (none: nothing)."""
     if not reported:
         return {}
-    return {TRAIN_P90: round(percentile(reported, 90), 3), "train_s_reports": len(reported)}
+    return {TRAIN_P90: round(percentile(reported, 90), 3), TRAIN_REPORTS: len(reported)}
 
 
 def inputs_deadline_s(settings: ServerSettings, recent_p90: Sequence[float]) -> float:

@@ -50,6 +50,7 @@ from fedcore.metrics import (
     MetricSink,
 )
 from fedcore.secagg import crypto
+from fedcore.secagg.protocol import MaskedMeta
 from fedcore.server import deadlines, phases, secure
 from fedcore.server.aggregate import weighted_mean
 from fedcore.server.apply import apply_cohort, find_applied
@@ -107,7 +108,7 @@ class Finalizer:
         cid = cfg.cohort_id
         length = secure.vector_length(self.cache.schema(cfg.base_version))
 
-        def check(client: str, key: str, blob: bytes) -> np.ndarray:
+        def check(client: str, key: str, blob: bytes) -> tuple[np.ndarray, MaskedMeta]:
             return secure.check_masked(
                 blob, where=key, length=length, identity=self.cache.member_identity(cfg, client),
                 cohort_id=cid, client_id=client, base_version=cfg.base_version,
@@ -126,9 +127,11 @@ class Finalizer:
         self.metric(BYTES_READ, result.bytes_read, "Bytes")
         valid = {c: present[c] for c in result.included}
         key = layout.sum_key(cid, secure.sum_digest(result.included))
+        # The members' training seconds, for the version's metrics (adaptive deadlines).
+        train = deadlines.train_metrics(list(result.train_s.values()))
         # AlreadyExists: a concurrent close summed the same member set (same bytes).
         with contextlib.suppress(AlreadyExistsError):
-            self.store.put_new(key, secure.encode_sum(result.total, result.included, cid))
+            self.store.put_new(key, secure.encode_sum(result.total, result.included, cid, train))
         return valid, key
 
     # -- finalize ----------------------------------------------------------------
@@ -318,9 +321,8 @@ class Finalizer:
                 c: self.cache.message(cid, cfg, Phase.UNMASK, c, unmask.etags[c]) for c in u4
             }
             length = secure.vector_length(schema)
-            total = secure.decode_sum(
-                sum_obj.result().body, where=inputs.sum_key, length=length, members=u3
-            )
+            sum_body = sum_obj.result().body
+            total = secure.decode_sum(sum_body, where=inputs.sum_key, length=length, members=u3)
             total, flagged = secure.unmask(
                 total, cohort_id=cid, params=params, members=sorted(cfg.members),
                 u2=u2, u3=u3, s_pks=s_pks, commits=commits, reveals=reveals,  # type: ignore[arg-type]
@@ -356,9 +358,24 @@ class Finalizer:
             included=sorted(u3),
             num_samples=round(weight * params.weight_cap),
             rejected=rejected,
-            metrics={"total_weight": weight},
+            metrics={"total_weight": weight, **self.recorded_train(sum_body, inputs.sum_key, cid)},
             privacy=privacy,
         )
+
+    def recorded_train(self, sum_body: bytes, where: str, cid: str) -> dict[str, Any]:
+        """The training-seconds metrics the input round recorded with the sum, if any.
+
+        Only sizes later deadlines: unreadable ones are logged and left out rather than
+        aborting a cohort whose sum unmasked fine."""
+        try:
+            metrics = secure.sum_metrics(sum_body, where=where)
+        except IntegrityError as exc:
+            log.warning(
+                "unreadable metrics in the masked sum; left out",
+                extra={"cohort_id": cid, "key": where, "reason": str(exc)},
+            )
+            return {}
+        return {k: v for k, v in metrics.items() if k in deadlines.TRAIN_METRICS}
 
     # -- the result ----------------------------------------------------------------
     def abort(self, cfg: CohortConfig, aborted: CohortAborted) -> Outcome:

@@ -11,11 +11,13 @@ only the final, unmasked sum is dequantized.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from fedcore.codec import (
     check_schema,
     decode_tensors,
     encode_tensors,
+    load_json_object,
     max_update_bytes,
     parse_header,
 )
@@ -32,6 +35,7 @@ from fedcore.secagg import crypto, shamir
 from fedcore.secagg.masking import remove_masks
 from fedcore.secagg.protocol import (
     MASKED_TENSOR,
+    MaskedMeta,
     SecAggParams,
     UnmaskMsg,
     commit_seed,
@@ -59,6 +63,7 @@ class MaskedSum:
     included: list[str]
     rejected: dict[str, str] = field(default_factory=dict)
     bytes_read: int = 0
+    train_s: dict[str, float] = field(default_factory=dict)  # included members that reported it
 
 
 def check_masked(
@@ -70,8 +75,8 @@ def check_masked(
     cohort_id: str,
     client_id: str,
     base_version: int,
-) -> np.ndarray:
-    """Validate one masked upload and return its uint32 vector (a view of ``blob``)."""
+) -> tuple[np.ndarray, MaskedMeta]:
+    """Validate one masked upload; its uint32 vector (a view of ``blob``) and signed metadata."""
     cap = max_update_bytes({MASKED_TENSOR: ("U32", (length,))}, "U32")
     if len(blob) > cap:
         raise IntegrityError(f"{where}: upload of {len(blob)} bytes exceeds the {cap}-byte cap")
@@ -86,14 +91,14 @@ def check_masked(
         )
     if hashlib.sha256(memoryview(vec)).hexdigest() != signed.digest:
         raise IntegrityError(f"{where}: data does not match its signed digest (tampered)")
-    return vec
+    return vec, signed
 
 
 def masked_sum(
     store: ObjectStore,
     uploads: list[tuple[str, str]],
     *,
-    check: Callable[[str, str, bytes], np.ndarray],
+    check: Callable[[str, str, bytes], tuple[np.ndarray, MaskedMeta]],
     length: int,
     concurrency: int = 4,
     cohort_id: str | None = None,
@@ -101,9 +106,9 @@ def masked_sum(
     """Stream the modular sum of the valid uploads ((client, key) pairs); O(model) memory."""
     out = MaskedSum(np.zeros(length, dtype=np.uint32), [])
 
-    def fold(client: str, key: str, fut: Future[tuple[int, np.ndarray]]) -> None:
+    def fold(client: str, key: str, fut: Future[tuple[int, tuple[np.ndarray, MaskedMeta]]]) -> None:
         try:
-            size, vec = fut.result()
+            size, (vec, signed) = fut.result()
             out.bytes_read += size
             out.total += vec
         except FedError as exc:
@@ -114,6 +119,8 @@ def masked_sum(
             )
             return
         out.included.append(client)
+        if signed.train_s is not None:
+            out.train_s[client] = signed.train_s
 
     for client, key, fut in stream_objects(store, uploads, concurrency=concurrency, parse=check):
         fold(client, key, fut)
@@ -125,13 +132,28 @@ def sum_digest(members: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(members)).encode()).hexdigest()[:16]
 
 
-def encode_sum(total: np.ndarray, members: list[str], cohort_id: str) -> bytes:
+def encode_sum(
+    total: np.ndarray, members: list[str], cohort_id: str, metrics: Mapping[str, Any] | None = None
+) -> bytes:
+    """The sum object; ``metrics`` (what the input round learnt for the version's metrics,
+    such as the members' training seconds) ride along, and a sum without any keeps the
+    bytes it had before they existed."""
     meta = {
         "format": "fedcore.masked-sum.v1",
         "cohort_id": cohort_id,
         "members": ",".join(sorted(members)),
     }
+    if metrics:
+        meta["metrics"] = json.dumps(dict(metrics), sort_keys=True)
     return encode_tensors({MASKED_TENSOR: total}, meta)
+
+
+def sum_metrics(blob: bytes, *, where: str) -> dict[str, Any]:
+    """The ``metrics`` ``encode_sum`` recorded ({} for a sum written without them)."""
+    raw = parse_header(blob, where=where).metadata.get("metrics")
+    if raw is None:
+        return {}
+    return load_json_object(raw.encode(), where=where, what="sum metrics")
 
 
 def decode_sum(blob: bytes, *, where: str, length: int, members: list[str]) -> np.ndarray:

@@ -7,12 +7,14 @@ cohort can produce, and the population stalled at version 0. Now a device that w
 not counted (secagg: the inputs manifest leaves it out) or whose completed cohort
 aborted anyway (plaintext: it uploaded, late) checks in again at the same version,
 and the next cohort forms and applies. The coordinator sizes each new cohort's
-inputs deadline from the training seconds recent members reported.
+inputs deadline from the training seconds recent members reported (plaintext, and
+signed in the masked metadata under secure aggregation).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,7 +25,8 @@ from fedcore.device import Polling, Runner, Settings, SyntheticDevice, Update, d
 from fedcore.device.machine import Leave
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig, Mode
-from fedcore.server.deadlines import TRAIN_P90
+from fedcore.server.deadlines import TRAIN_P90, TRAIN_REPORTS
+from fedcore.status import describe
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, read_meta, seed
 from infra.stack import LocalStack
@@ -105,6 +108,8 @@ def test_next_cohort_forms_and_applies_after_every_member_missed_the_deadline(
         cid = first[0]
         aborted = participant(store, "a").result(cid)
         assert aborted is not None and aborted.status == "aborted"
+        shown = {c.cohort_id: c for c in describe(store, versions=0).cohorts}[cid]
+        assert (shown.outcome, shown.reason) == ("aborted", aborted.reason)  # the demo says why
         for c in CLIENTS:
             ways = [(leave.cohort_id, leave.outcome.value) for leave in leaves[c]]
             # plaintext: the late upload completed, then the result said aborted;
@@ -145,9 +150,74 @@ def test_inputs_deadline_adapts_to_reported_training_seconds(
         assert cfg.phase_s["inputs"] == 80.0
         participant(store, "a").upload_plain(cfg, delta_for("a"), num_samples=10, loss=0.5)
         inputs = layout.state_key(cfg.cohort_id, Phase.INPUTS)
+        # What the demo's waiting line reads: the open phase, who it waits for, its deadline.
+        shown = {c.cohort_id: c for c in describe(store, versions=0).cohorts}[cfg.cohort_id]
+        assert (shown.open_phase, shown.expected, shown.waiting_for) == ("inputs", 2, 1)
+        assert shown.deadline_at == pytest.approx(cfg.created_at + 80.0)
         st.advance(20.0 + 1)
         assert store.head(inputs) is None  # the fixed deadline would have closed it
         st.advance(60.0)
         wait_until(lambda: store.head(inputs) is not None, what="the adapted deadline")
+        st.pump.drain()
+        assert st.pump.stats.dead_letters == []
+
+
+def test_secure_inputs_deadline_adapts_to_the_signed_training_seconds(
+    s3_endpoint: str, store: S3Store, notifications
+) -> None:  # type: ignore[no-untyped-def]
+    """GIVEN secure aggregation, deadline_margin 2 and three devices whose training takes
+    10, 20 and 40 s on their own clocks (moved by the training itself, nothing slept) THEN
+    each reports it in its signed masked metadata, version 1's metrics record the cohort's
+    p90 (40 s) and the next cohort's inputs deadline is twice that, not the fixed 20 s."""
+    seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
+    settings = {
+        "mode": "secagg", "cohort_size": len(CLIENTS), "min_cohort_size": 2,
+        "round_deadline_s": 20.0, "short_round_s": 20.0,
+        "deadline_margin": 2.0, "deadline_min_s": 10.0, "deadline_max_s": 300.0,
+    }  # fmt: skip
+    took = dict(zip(CLIENTS, (10.0, 20.0, 40.0), strict=True))
+    skew = dict.fromkeys(CLIENTS, 0.0)  # how far each device's clock moved while training
+    errors: list[BaseException] = []
+
+    def train(client: str) -> Update:
+        skew[client] += took[client]
+        return Update(delta_for(client, TINY, 0.05), 10, loss=0.5)
+
+    def device(client: str) -> None:
+        terms = Settings(
+            client, Mode.SECAGG, until_version=1, slack_s=30.0, retry_s=0.05, max_retry_s=0.2
+        )
+        runner = Runner(
+            participant(store, client, "secagg"),
+            SyntheticDevice(lambda cfg: train(client)),
+            polling=FAST,
+            clock=lambda: time.monotonic() + skew[client],
+        )
+        try:
+            drive(runner, *machine.start(terms))
+        except BaseException as exc:  # the assertion below names it
+            errors.append(exc)
+
+    with LocalStack(
+        endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings,
+        sweep_interval_s=3600.0, notifications=notifications, clock=ManualClock(),
+    ) as st:  # fmt: skip
+        threads = [threading.Thread(target=device, args=(c,), daemon=True) for c in CLIENTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == []
+        assert find_head(store) == 1
+        metrics = read_meta(store, 1).metrics
+        assert 40.0 <= metrics[TRAIN_P90] < 45.0, metrics
+        assert metrics[TRAIN_REPORTS] == len(CLIENTS)
+        cfgs = join_all(store, list(CLIENTS), 1, mode="secagg")
+        assert cfgs["a"].phase_s["inputs"] == pytest.approx(2 * metrics[TRAIN_P90])
+        assert cfgs["a"].phase_s["keys"] == 20.0  # the short rounds keep their fixed limit
+        cid = cfgs["a"].cohort_id
+        shown = {c.cohort_id: c for c in describe(store, versions=0).cohorts}[cid]
+        assert (shown.open_phase, shown.waiting_for) == ("keys", len(CLIENTS))
+        assert shown.deadline_at == pytest.approx(cfgs["a"].created_at + 20.0)
         st.pump.drain()
         assert st.pump.stats.dead_letters == []
