@@ -143,6 +143,8 @@ class GatewayStore:
                 reason = answer.get("reason", f"HTTP {status}")
                 if status == 403:
                     raise GatewayDeniedError(f"gateway refused: {reason}")
+                if status == 429:  # the check-in rate limit: retry after the minute
+                    raise ThrottledError(f"gateway refused: {reason}")
                 raise StorageError(f"gateway answered {status}: {reason}")
             urls = answer.get("urls")
             if not isinstance(urls, list) or len(urls) != len(batch):

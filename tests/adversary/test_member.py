@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_client.gateway_store import GatewayDeniedError
+from edge_client.gateway_store import GatewayDeniedError, GatewayStore
 from fedcore import access, layout
+from fedcore.errors import ThrottledError
 from fedcore.gateway import Gateway
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Mode, parse_config
@@ -44,7 +45,7 @@ from fedcore.server.settings import ServerSettings
 from fedcore.storage import ObjectInfo, S3Store, StoredObject
 from fedcore.versions import find_head, load_model, read_schema
 from functions.gateway import app
-from infra.gateway_server import build_event
+from infra.gateway_server import GatewayServer, build_event
 from infra.pump import LocalContext
 from tests.helpers import TINY, delta_for, participant
 from tests.hostile import test_bounds as bounds
@@ -442,8 +443,9 @@ def test_checkin_flooding_is_refused_with_429_across_instances(
     """Defence ``rate_limit``. GIVEN CHECKINS_PER_MINUTE 3 WHEN a device asks for a 4th
     check-in URL within the minute THEN 429 with the reason and a Retry-After, and log lines
     naming the client; a fresh gateway instance (another Lambda container) refuses too (the
-    count is in the bucket); a batch that would cross the limit claims nothing; another
-    device is unaffected; the next minute, the device may check in again."""
+    count is in the bucket), and the device's own client over HTTP raises ThrottledError;
+    a batch that would cross the limit claims nothing; another device is unaffected; the
+    next minute, the device may check in again."""
     env.setenv("CHECKINS_PER_MINUTE", "3")
     now = 60.0 * math.floor(time.time() / 60) + 1.0
     _pinned_gateway(env, now)
@@ -475,6 +477,14 @@ def test_checkin_flooding_is_refused_with_429_across_instances(
     app._gateway.cache_clear()  # a cold container: no memory of the above
     _pinned_gateway(env, now)
     assert checkin(flood)[0] == 429
+    # A device's own client over HTTP reads the 429 as throttling, with the reason.
+    server = GatewayServer().start()
+    try:
+        over_http = GatewayStore(server.url, "flood", flood.key, retries=0)
+        with pytest.raises(ThrottledError, match="check-in rate limit"):
+            over_http.put_new(layout.checkin_key("flood", "over-http"), b"{}")
+    finally:
+        server.stop()
     assert checkin(calm)[0] == 200
     _pinned_gateway(env, now + 60)
     assert checkin(flood, at=now + 60)[0] == 200
