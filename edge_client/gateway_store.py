@@ -29,6 +29,7 @@ import urllib3
 
 from fedcore import access
 from fedcore.errors import (
+    AccessDeniedError,
     AlreadyExistsError,
     IntegrityError,
     NotFoundError,
@@ -45,7 +46,7 @@ _S3NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _REUSE_S = access.URL_EXPIRES_S - 60  # use a cached URL only while it has a minute left
 
 
-class GatewayDeniedError(StorageError):
+class GatewayDeniedError(AccessDeniedError):
     """The gateway (or S3, on the gateway's URL) refused: the device may not do this."""
 
 
@@ -142,6 +143,8 @@ class GatewayStore:
                 reason = answer.get("reason", f"HTTP {status}")
                 if status == 403:
                     raise GatewayDeniedError(f"gateway refused: {reason}")
+                if status == 429:  # the check-in rate limit: retry after the minute
+                    raise ThrottledError(f"gateway refused: {reason}")
                 raise StorageError(f"gateway answered {status}: {reason}")
             urls = answer.get("urls")
             if not isinstance(urls, list) or len(urls) != len(batch):

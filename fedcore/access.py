@@ -12,14 +12,18 @@ code actually does (``participant.py``, ``device/secure.py``, ``status.py``,
   secagg, ``plain`` for plaintext). Never identities (the gateway writes
   those at enrollment), configs, manifests, sums, models or the pointer.
 - read (``get``/``head``): model versions and the pointer, identities
-  (public keys), cohort configs and phase manifests, the key and share
-  messages of members of a cohort the reader belongs to (its own included;
-  share ciphertexts are AES-GCM-encrypted per receiver), and its own
-  check-ins. Never a masked/plain input or a reveal, not even its own (no
+  (public keys), the config, phase manifests and result of a cohort the
+  reader belongs to, the key and share messages of members of such a cohort
+  (its own included; share ciphertexts are AES-GCM-encrypted per receiver),
+  and its own check-ins. A config whose cohort the gateway does not know
+  yet may be asked for too: S3 answers 404 (discovery polls for configs
+  being written), so a device learns the members of no cohort but its own. Never a masked/plain input or a reveal, not even its own (no
   device code reads one back, so the gateway's IAM role can go without
   read access to them: template.yaml, tests/infra/test_iam.py), the masked
   sums, or anything outside the layout (enrollment records, nonce markers).
-- list: ``cohorts/`` (cohort discovery) and ``cohorts/{id}/`` (status view).
+- list: ``cohorts/`` (cohort discovery; the gateway signs it only with
+  delimiter ``/``, so the answer holds cohort ids, not their objects) and
+  ``cohorts/{id}/`` of a cohort the device belongs to.
 
 There is no op for overwrite or delete at all: the gateway cannot sign one.
 Membership is a fact about the bucket, so it comes in through ``cohort``
@@ -58,6 +62,7 @@ class CohortFacts:
 
     members: frozenset[str]
     mode: str
+    base_version: int | None = None  # sizes the input upload URLs (gateway)
 
 
 CohortLookup = Callable[[str], CohortFacts | None]
@@ -109,7 +114,7 @@ def decide(
     if op not in OPS:
         return _deny(f"unknown op {op!r}")
     if op == "list":
-        return _decide_list(target)
+        return _decide_list(client_id, target, cohort)
     try:
         parsed = layout.parse_key(target)
     except UnknownKeyError:
@@ -147,8 +152,14 @@ def _membership(
 
 def _decide_read(client_id: str, parsed: layout.ParsedKey, cohort: CohortLookup) -> Decision:
     kind = parsed.kind
-    if kind in (Kind.LATEST, Kind.MODEL, Kind.IDENTITY, Kind.CONFIG, Kind.STATE):
+    if kind in (Kind.LATEST, Kind.MODEL, Kind.IDENTITY):
         return _OK
+    if kind is Kind.CONFIG and parsed.cohort_id is not None and cohort(parsed.cohort_id) is None:
+        return _OK  # not (yet) a cohort: S3 answers 404, and nothing is revealed
+    if kind in (Kind.CONFIG, Kind.STATE):
+        # Members, nonces and what each member did are for the cohort's own members.
+        facts = _membership(client_id, parsed, cohort)
+        return facts if isinstance(facts, Decision) else _OK
     if kind is Kind.SUM:
         return _deny("masked sums are for the aggregation function only")
     if kind is Kind.OPTIMIZER:
@@ -170,7 +181,7 @@ def _decide_read(client_id: str, parsed: layout.ParsedKey, cohort: CohortLookup)
     return _OK
 
 
-def _decide_list(prefix: str) -> Decision:
+def _decide_list(client_id: str, prefix: str, cohort: CohortLookup) -> Decision:
     if prefix == layout.COHORTS_PREFIX:
         return _OK
     rest = prefix[len(layout.COHORTS_PREFIX) :] if prefix.startswith(layout.COHORTS_PREFIX) else ""
@@ -179,6 +190,12 @@ def _decide_list(prefix: str) -> Decision:
             layout.cohort_seq(rest[:-1])
         except ValueError:
             return _deny("not a cohort prefix")
+        # A cohort's listing names its members and their objects' sizes and ETags.
+        facts = cohort(rest[:-1])
+        if facts is None:
+            return _deny("no such cohort")
+        if client_id not in facts.members:
+            return _deny("not a member of the cohort")
         return _OK
     return _deny("devices may list only cohorts/ and cohorts/{id}/")
 
@@ -187,7 +204,9 @@ def size_limit(key: str) -> int:
     """The largest object a device may create at ``key``: what the function would accept.
 
     The gateway signs the declared ``Content-Length`` into every write URL, so this
-    also bounds what a device can store in its own slots.
+    also bounds what a device can store in its own slots. For inputs this is only the
+    ceiling: the gateway narrows it to what the cohort's model schema gives
+    (``Gateway.size_limit``), the cap the function applies.
     """
     from fedcore.codec import MAX_OBJECT_BYTES
     from fedcore.messages import MAX_MESSAGE_BYTES

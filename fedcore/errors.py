@@ -36,6 +36,10 @@ class ThrottledError(StorageError):
     """The store kept throttling (503 SlowDown) after every retry."""
 
 
+class AccessDeniedError(StorageError):
+    """The store refused this caller the operation (a device's gateway, by policy)."""
+
+
 class IntegrityError(FedError):
     """An object is malformed, oversized, inconsistent or lies about itself.
 

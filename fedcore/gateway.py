@@ -15,12 +15,23 @@ none of them and the aggregation function's events never see them):
                                      the client id it is for and its expiry
 ``enrollment/used/{sha256}.json``    write-once: the token was consumed (by whom)
 ``gateway/nonces/{client}/{nonce}.json``  write-once replay marker of a URL request
+``gateway/nonces/{client}/checkin.{minute}.{slot}.json``  write-once: a check-in URL
+                                     was issued to the client in that minute
 
 Replay protection uses write-once nonce markers in the bucket rather than a
 per-process cache: Lambda runs many containers that share no memory, so a
 cache would let a captured request be replayed against another container
 within the time window. Markers older than the window are useless and a
 lifecycle rule expires them.
+
+The check-in rate limit (``CHECKINS_PER_MINUTE`` per device) counts with the
+same kind of marker, for the same reason: each check-in URL claims one of the
+minute's numbered slots by a write-once put, so two containers can never hand
+out the same slot, and a request that finds every slot of the minute taken is
+refused with 429. The slot names hold a ``.``, which no nonce does, so a
+device cannot collide with them. Check-in objects themselves could not serve
+as the count: formation deletes the ones it takes, and a device can be given
+many URLs before it writes any.
 """
 
 from __future__ import annotations
@@ -39,11 +50,21 @@ from typing import Any
 
 from fedcore import access, layout
 from fedcore.access import CLOCK_SKEW_S, MAX_BATCH, URL_EXPIRES_S, CohortFacts
-from fedcore.errors import AlreadyExistsError, FedError, IntegrityError, NotFoundError
-from fedcore.messages import parse_config
+from fedcore.errors import (
+    AlreadyExistsError,
+    FedError,
+    IntegrityError,
+    NotFoundError,
+    UnknownKeyError,
+)
+from fedcore.layout import Kind
+from fedcore.messages import Mode, parse_config
 from fedcore.secagg import crypto
 from fedcore.secagg.protocol import encode_identity, parse_identity
+from fedcore.server.phases import input_cap
+from fedcore.server.settings import ServerSettings
 from fedcore.storage import ObjectStore
+from fedcore.versions import read_schema
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +85,18 @@ def used_key(digest: str) -> str:
 
 def nonce_key(client_id: str, nonce: str) -> str:
     return f"{NONCES_PREFIX}{layout.check_id(client_id, 'client id')}/{nonce}.json"
+
+
+RATE_WINDOW_S = 60  # CHECKINS_PER_MINUTE counts per fixed minute
+
+
+def checkin_slots_prefix(client_id: str, window: int) -> str:
+    """Where the check-in slots a client claimed in minute ``window`` are (one LIST)."""
+    return f"{NONCES_PREFIX}{layout.check_id(client_id, 'client id')}/checkin.{window}."
+
+
+def checkin_slot_key(client_id: str, window: int, slot: int) -> str:
+    return f"{checkin_slots_prefix(client_id, window)}{slot:04d}.json"
 
 
 def issue_token(store: ObjectStore, client_id: str, *, ttl_s: float = 86400.0) -> str:
@@ -168,12 +201,21 @@ class Gateway:
     cached entry can never go stale; absences are never cached.
     """
 
-    def __init__(self, store: ObjectStore, signer: Signer, *, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        signer: Signer,
+        *,
+        clock: Any = time.time,
+        checkins_per_minute: int = ServerSettings.checkins_per_minute,
+    ) -> None:
         self.store = store
         self.signer = signer
         self.clock = clock
+        self.checkins_per_minute = checkins_per_minute
         self._identities = _LRU(4096)
         self._cohorts = _LRU(1024)
+        self._schemas = _LRU(64)
 
     # -- enrollment ----------------------------------------------------------
     def enroll(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -285,8 +327,10 @@ class Gateway:
                 )
                 denied.append((op, target, decision.reason))
         for req, (op, target) in zip(reqs, targets, strict=True):
-            if op == "put_new" and not denied and req["size"] > access.size_limit(target):
-                reason = f"object of {req['size']} bytes exceeds {access.size_limit(target)}"
+            if op == "list" and (why := list_refusal(target, req)):
+                denied.append((op, target, why))
+            if op == "put_new" and not denied and req["size"] > (cap := self.size_limit(target)):
+                reason = f"object of {req['size']} bytes exceeds {cap}"
                 log.warning(
                     "request denied by the size limit",
                     extra={"client_id": client_id, "op": op, "key": target, "reason": reason},
@@ -302,6 +346,9 @@ class Gateway:
                 key=target,
                 policy=reason,
             )
+        checkins = sum(1 for op, target in targets if op == "put_new" and _is_checkin(target))
+        if checkins:
+            self._claim_checkin_slots(client_id, checkins, nonce)
         out = [
             self.signer.url({**req, "op": op}) for req, (op, _) in zip(reqs, targets, strict=True)
         ]
@@ -315,9 +362,72 @@ class Gateway:
         )
         return {"urls": out}
 
+    # -- limits --------------------------------------------------------------
+    def _claim_checkin_slots(self, client_id: str, count: int, nonce: str) -> None:
+        """Claim ``count`` of this minute's check-in slots, or refuse with 429.
+
+        One LIST counts the slots taken; each new one is a write-once put, so
+        containers racing for the same slot cannot both win (the loser takes the
+        next). A request over the limit as listed claims nothing; one that loses
+        races on the way keeps the slots it won (they were asked for).
+        """
+        limit = self.checkins_per_minute
+        if limit <= 0:
+            return  # no limit configured
+        now = self.clock()
+        window = int(now // RATE_WINDOW_S)
+        slot = sum(1 for _ in self.store.list(checkin_slots_prefix(client_id, window)))
+        claimed = 0
+        while claimed < count:
+            if slot + count - claimed > limit:
+                retry_after = RATE_WINDOW_S * (window + 1) - now
+                log.warning(
+                    "check-in rate limit reached",
+                    extra={
+                        "client_id": client_id,
+                        "limit": limit,
+                        "requested": count,
+                        "retry_after_s": round(retry_after, 1),
+                    },
+                )
+                raise Denied(
+                    f"check-in rate limit: at most {limit} per device per minute",
+                    status=429,
+                    client_id=client_id,
+                    retry_after_s=math.ceil(retry_after),
+                )
+            try:
+                self.store.put_new(
+                    checkin_slot_key(client_id, window, slot),
+                    json.dumps({"timestamp": now, "nonce": nonce}).encode(),
+                    content_type="application/json",
+                )
+                claimed += 1
+            except AlreadyExistsError:
+                pass  # another container took this slot: try the next
+            slot += 1
+
+    def size_limit(self, key: str) -> int:
+        """The largest object a device may create at ``key``: an input is sized from its
+        cohort's model schema (what the function accepts), anything else by ``access``."""
+        parsed = layout.parse_key(key)
+        if parsed.kind not in (Kind.MASKED, Kind.PLAIN) or parsed.cohort_id is None:
+            return access.size_limit(key)
+        facts = self.cohort(parsed.cohort_id)
+        if facts is None or facts.base_version is None:
+            return 0  # unreachable: the policy asked for the cohort already
+        schema = self._schemas.get(facts.base_version)
+        if schema is None:
+            try:
+                schema = read_schema(self.store, facts.base_version)
+            except (NotFoundError, IntegrityError):
+                return 0  # the function could not read the model either
+            self._schemas.put(facts.base_version, schema)
+        return input_cap(schema, Mode(facts.mode))
+
     # -- lookups -------------------------------------------------------------
     def cohort(self, cid: str) -> CohortFacts | None:
-        """A cohort's members and mode from its write-once config (cached once read)."""
+        """A cohort's members, mode and base version from its write-once config (cached)."""
         facts = self._cohorts.get(cid)
         if facts is not None:
             return facts
@@ -326,7 +436,7 @@ class Gateway:
             cfg = parse_config(self.store.get(key).body, where=key)
         except (NotFoundError, IntegrityError):
             return None
-        facts = CohortFacts(frozenset(cfg.members), cfg.mode)
+        facts = CohortFacts(frozenset(cfg.members), cfg.mode, cfg.base_version)
         self._cohorts.put(cid, facts)
         return facts
 
@@ -361,6 +471,24 @@ def _str(body: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise Denied(f"{name} must be a non-empty string", status=400)
     return value
+
+
+def list_refusal(prefix: str, req: dict[str, Any]) -> str | None:
+    """Why a list the policy allows is still refused for its shape (None: it is not).
+
+    ``cohorts/`` without the delimiter would list every cohort's objects (members, sizes,
+    ETags); with it, the answer holds only the cohort ids that discovery needs.
+    """
+    if prefix == layout.COHORTS_PREFIX and req.get("delimiter") != "/":
+        return "cohorts/ is listed only with delimiter '/'"
+    return None
+
+
+def _is_checkin(key: str) -> bool:
+    try:
+        return layout.parse_key(key).kind is Kind.CHECKIN
+    except UnknownKeyError:
+        return False
 
 
 def _target(req: Any) -> tuple[str, str]:

@@ -18,7 +18,13 @@ import numpy as np
 
 from fedcore import layout
 from fedcore.codec import UpdateMeta, encode_update
-from fedcore.errors import AlreadyExistsError, IntegrityError, NotFoundError, NotModifiedError
+from fedcore.errors import (
+    AccessDeniedError,
+    AlreadyExistsError,
+    IntegrityError,
+    NotFoundError,
+    NotModifiedError,
+)
 from fedcore.layout import Kind, Phase
 from fedcore.messages import (
     MODES,
@@ -149,6 +155,8 @@ class Participant:
             except NotFoundError:
                 settled = False  # being written right now (or a stray prefix): look again
                 continue
+            except AccessDeniedError:
+                pass  # the gateway shows a config only to the cohort's members: not ours
             except IntegrityError as exc:
                 log.warning(
                     "unreadable cohort config skipped", extra={"key": key, "reason": str(exc)}

@@ -47,6 +47,16 @@ class Waiting:
     since: float
 
 
+def busy_devices(taken: set[tuple[str, str]]) -> set[str]:
+    """Devices that are members of an open cohort: none of their check-ins may join another.
+
+    A device is in at most one open cohort; its other check-ins wait until that cohort
+    has a result (or expire). One device in two open cohorts could abort both, with bad
+    shares in each, for the price of one enrollment.
+    """
+    return {client for client, _ in taken}
+
+
 def delete_checkins(store: ObjectStore, cfg: CohortConfig) -> None:
     """Delete the check-ins a cohort took (harmless if it fails: the config marks them taken)."""
     keys = [layout.checkin_key(client, nonce) for client, nonce in cfg.members.items()]
@@ -93,6 +103,7 @@ class Formation:
                 taken.update(self.cache.config(cid).members.items())
             except (NotFoundError, IntegrityError):
                 continue  # a prefix without a (valid) config: nothing it names is taken
+        busy = busy_devices(taken)
         by_client: dict[str, Waiting] = {}
         for info in sorted(listed, key=lambda i: (i.last_modified, i.key)):
             try:
@@ -102,7 +113,7 @@ class Formation:
                 continue
             if parsed.kind is not Kind.CHECKIN or parsed.client_id is None or parsed.nonce is None:
                 continue
-            if (parsed.client_id, parsed.nonce) in taken:
+            if (parsed.client_id, parsed.nonce) in taken or parsed.client_id in busy:
                 continue
             if now - info.last_modified > self.settings.checkin_ttl_s:
                 continue

@@ -231,8 +231,13 @@ def size_cap(cache: Cache, cfg: CohortConfig, phase: Phase) -> int:
     """The largest object an honest member can write in ``phase`` (derived from the model)."""
     if phase is not Phase.INPUTS:
         return MAX_MESSAGE_BYTES
-    schema = cache.schema(cfg.base_version)
-    if cfg.mode is Mode.PLAINTEXT:
+    return input_cap(cache.schema(cfg.base_version), cfg.mode)
+
+
+def input_cap(schema: dict[str, tuple[str, tuple[int, ...]]], mode: Mode) -> int:
+    """The largest input (plain update or masked vector) an honest member of a cohort on a
+    model of ``schema`` writes; the gateway signs upload URLs for at most this size."""
+    if mode is Mode.PLAINTEXT:
         return max_update_bytes(schema)
     return max_update_bytes({"masked": ("U32", (secure.vector_length(schema),))}, "U32")
 

@@ -50,6 +50,9 @@ class ServerSettings:
     round_deadline_s: float = setting(600.0, "ROUND_DEADLINE_S")
     checkin_wait_s: float = setting(60.0, "CHECKIN_WAIT_S")
     checkin_ttl_s: float = setting(3600.0, "CHECKIN_TTL_S")
+    # Check-in URLs the gateway signs per device per minute (0: no limit). An honest device
+    # checks in once per cohort it joins; each check-in costs an aggregator invocation.
+    checkins_per_minute: int = setting(6, "CHECKINS_PER_MINUTE")
     stuck_after_s: float = setting(120.0, "STUCK_AFTER_S")
     server_lr: float = setting(1.0, "SERVER_LR")
     staleness_weight: str = setting("inverse_sqrt", "STALENESS_WEIGHT")
@@ -97,6 +100,8 @@ class ServerSettings:
             raise ValueError(
                 f"need 1 <= min_cohort_size ({self.min_cohort_size}) <= cohort_size ({self.cohort_size})"
             )
+        if self.checkins_per_minute < 0:
+            raise ValueError("checkins_per_minute must be >= 0 (0: no limit)")
         if self.staleness_weight not in STALENESS_WEIGHTS:
             raise ValueError(f"staleness_weight must be one of {sorted(STALENESS_WEIGHTS)}")
         if not 0.0 <= self.secagg_max_dropout < 0.5:

@@ -25,6 +25,7 @@ from botocore.config import Config
 
 from fedcore.errors import StorageError
 from fedcore.gateway import Denied, Gateway, Signer
+from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
 
 logger = Logger(service="fl-gateway")
@@ -37,7 +38,9 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 @lru_cache(maxsize=4)
-def _gateway(bucket: str, endpoint: str | None, public_endpoint: str | None) -> Gateway:
+def _gateway(
+    bucket: str, endpoint: str | None, public_endpoint: str | None, checkins_per_minute: int
+) -> Gateway:
     """One gateway per warm container: its caches hold only write-once facts."""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     url_endpoint = public_endpoint or endpoint
@@ -51,7 +54,11 @@ def _gateway(bucket: str, endpoint: str | None, public_endpoint: str | None) -> 
             s3={"addressing_style": "path" if url_endpoint else "virtual"},
         ),
     )
-    return Gateway(S3Store.connect(bucket, endpoint, role="gateway"), Signer(presigner, bucket))
+    return Gateway(
+        S3Store.connect(bucket, endpoint, role="gateway"),
+        Signer(presigner, bucket),
+        checkins_per_minute=checkins_per_minute,
+    )
 
 
 def gateway() -> Gateway:
@@ -62,13 +69,20 @@ def gateway() -> Gateway:
         bucket,
         os.environ.get("S3_ENDPOINT_URL") or None,
         os.environ.get("S3_PUBLIC_ENDPOINT_URL") or None,
+        ServerSettings.from_env().checkins_per_minute,
     )
 
 
-def _answer(status: int, doc: dict[str, Any]) -> dict[str, Any]:
+def _answer(
+    status: int, doc: dict[str, Any], headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     return {
         "statusCode": status,
-        "headers": {"content-type": "application/json", "cache-control": "no-store"},
+        "headers": {
+            "content-type": "application/json",
+            "cache-control": "no-store",
+            **(headers or {}),
+        },
         "body": json.dumps(doc, sort_keys=True),
     }
 
@@ -122,8 +136,18 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
                 "status": exc.status,
             },
         )
-        kind = {400: "bad_request", 409: "conflict", 413: "too_large"}.get(exc.status, "forbidden")
-        return _answer(exc.status, {"error": kind, "reason": exc.reason})
+        kind = {
+            400: "bad_request",
+            409: "conflict",
+            413: "too_large",
+            429: "too_many_requests",
+        }.get(exc.status, "forbidden")
+        retry = exc.fields.get("retry_after_s")
+        return _answer(
+            exc.status,
+            {"error": kind, "reason": exc.reason},
+            {"retry-after": str(retry)} if retry is not None else None,
+        )
     except StorageError:
         logger.exception("storage error", extra={"route": path})
         return _answer(503, {"error": "unavailable", "reason": "storage error; retry"})

@@ -180,7 +180,10 @@ def test_urls_only_for_allowed_keys_and_refusals_name_the_reason(
 ) -> None:
     dev, key = enrolled(gw, store, "dev-h")
     ok = dev.presign(
-        [{"op": "get", "key": layout.LATEST_KEY}, {"op": "list", "prefix": "cohorts/"}]
+        [
+            {"op": "get", "key": layout.LATEST_KEY},
+            {"op": "list", "prefix": "cohorts/", "delimiter": "/"},
+        ]
     )
     assert [u["method"] for u in ok] == ["GET", "GET"]
     assert all("X-Amz-Expires=300" in u["url"] for u in ok)

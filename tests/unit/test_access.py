@@ -154,7 +154,8 @@ def test_input_kind_must_match_the_cohort_mode(client: str, cid: str, mode: str)
 @settings(max_examples=100, deadline=None)
 @given(client=ids, prefix=st.text(string.printable, max_size=40))
 def test_only_the_cohort_listings_are_allowed(client: str, prefix: str) -> None:
-    ok = access.allowed(client, "list", prefix)
+    """cohorts/ for anyone; cohorts/{id}/ only for the cohort's members (everyone here)."""
+    ok = access.allowed(client, "list", prefix, cohort=everyone())
     expected = prefix == "cohorts/" or (
         prefix.startswith("cohorts/c")
         and prefix.endswith("/")
@@ -165,6 +166,25 @@ def test_only_the_cohort_listings_are_allowed(client: str, prefix: str) -> None:
     assert ok == expected, prefix
 
 
+def test_a_cohort_is_listed_and_its_config_and_manifests_read_only_by_its_members() -> None:
+    """GIVEN dev-2 in c00000007 and dev-1 not THEN dev-1 may not list the cohort's objects
+    (names, sizes, ETags) nor read its config, manifests or result; a config the lookup
+    does not know (not written yet: S3 answers 404) is still asked for by discovery."""
+    me, cid = "dev-1", "c00000007"
+    look = members(cid, {"dev-2"})
+    for op, target in [
+        ("list", layout.cohort_prefix(cid)),
+        ("get", layout.config_key(cid)),
+        ("head", layout.config_key(cid)),
+        *(("get", layout.state_key(cid, p)) for p in Phase),
+    ]:
+        decision = access.decide(me, op, target, cohort=look)
+        assert not decision and decision.reason == "not a member of the cohort", target
+        assert access.allowed("dev-2", op, target, cohort=look), target
+    assert access.allowed(me, "get", layout.config_key("c00000099"), cohort=look)
+    assert not access.allowed(me, "list", layout.cohort_prefix("c00000099"), cohort=look)
+
+
 def test_devices_read_what_the_protocol_needs() -> None:
     """The reads the device code makes (participant.py, fedcore/device/secure.py, status.py)."""
     me, peer, cid = "dev-1", "dev-2", "c00000007"
@@ -173,7 +193,7 @@ def test_devices_read_what_the_protocol_needs() -> None:
         layout.LATEST_KEY,
         layout.model_key(3),
         layout.identity_key(peer),
-        layout.config_key("c00000099"),  # discovery reads configs of cohorts it is not in
+        layout.config_key("c00000099"),  # discovery asks for configs not written yet
         layout.state_key(cid, Phase.INPUTS),
         layout.state_key(cid, Phase.RESULT),
         layout.checkin_key(me, "abc"),
@@ -184,7 +204,7 @@ def test_devices_read_what_the_protocol_needs() -> None:
         assert access.allowed(me, "get", key, cohort=look), key
         assert access.allowed(me, "head", key, cohort=look), key
     assert access.allowed(me, "list", "cohorts/")
-    assert access.allowed(me, "list", layout.cohort_prefix(cid))
+    assert access.allowed(me, "list", layout.cohort_prefix(cid), cohort=look)
 
 
 def test_path_tricks_and_unknown_ops_are_denied() -> None:
