@@ -284,3 +284,19 @@ def test_the_device_books_unamplified_what_it_cannot_justify(tmp_path: Path) -> 
     dev = _device(tmp_path / "none", 0.1)
     dev.book_release(worst)
     assert dev.budget.user_epsilon() == pytest.approx(_eps(worst))
+
+
+def test_amplification_is_torch_free_and_the_function_never_loads_it() -> None:
+    """The coin and the bound are the devices' business: the module loads neither torch nor
+    dp_accounting (nor scipy), and the functions' handlers do not import it at all."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedcore.dp.amplification; "
+        "bad = {'torch', 'dp_accounting', 'scipy'} & set(sys.modules); "
+        "del sys.modules['fedcore.dp.amplification']; "
+        "import functions.aggregator.app, functions.sweeper.app, functions.gateway.app; "
+        "sys.exit(bool(bad) or 'fedcore.dp.amplification' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
