@@ -324,6 +324,8 @@ def device_privacy(args: argparse.Namespace, state_dir: Path) -> DevicePrivacy |
     if args.dp_user_noise > 0:
         if args.plaintext:
             raise SystemExit("user-level DP noise hides under the masks: drop --plaintext")
+        if not 0 < args.dp_user_checkin_p <= 1:
+            raise SystemExit("--dp-user-checkin-p is a probability in (0, 1]")
         user = UserDPRequirement(
             target_epsilon=args.dp_user_epsilon,
             delta=args.dp_delta,
