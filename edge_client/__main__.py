@@ -183,6 +183,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=d.DP_USER_EPSILON,
         help="user-level DP: stop joining before this device's releases exceed this epsilon",
     )
+    dp.add_argument(
+        "--dp-user-checkin-p",
+        type=float,
+        default=d.DP_USER_CHECKIN_P,
+        help="user-level DP random check-in: the chance per cohort that this device's update "
+        "(else zeros) goes into the masked sum, drawn from the OS CSPRNG; below 1 the device "
+        "books the amplified epsilon (1: always, unamplified)",
+    )
 
     ev = sub.add_parser("evaluate", help="test accuracy of a global version")
     _common(ev)
@@ -316,11 +324,14 @@ def device_privacy(args: argparse.Namespace, state_dir: Path) -> DevicePrivacy |
     if args.dp_user_noise > 0:
         if args.plaintext:
             raise SystemExit("user-level DP noise hides under the masks: drop --plaintext")
+        if not 0 < args.dp_user_checkin_p <= 1:
+            raise SystemExit("--dp-user-checkin-p is a probability in (0, 1]")
         user = UserDPRequirement(
             target_epsilon=args.dp_user_epsilon,
             delta=args.dp_delta,
             min_noise=args.dp_user_noise,
             max_clip=args.dp_user_clip,
+            checkin_p=args.dp_user_checkin_p,
         )
     if sample is None and user is None:
         return None

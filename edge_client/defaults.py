@@ -63,6 +63,7 @@ DP_PLANNED_ROUNDS = 10  # participations the DP-SGD noise is calibrated for
 DP_USER_NOISE = _SERVER.dp_user_noise  # user-level noise multiplier z (0: off)
 DP_USER_CLIP = _SERVER.dp_user_clip  # user-level L2 clip C a server applies
 DP_USER_EPSILON = 10.0  # a device's user-level epsilon cap over all its releases
+DP_USER_CHECKIN_P = 1.0  # a device's random check-in probability (1: no amplification)
 DEVICE_MAX_USER_CLIP = math.inf  # a device joins cohorts with any clip unless told otherwise
 
 # Many simulated devices (``python -m infra.simulate``, ``benchmarks/scale.py``): the acceptance

@@ -45,6 +45,8 @@ from fedcore.device import (
     drive,
     machine,
 )
+from fedcore.dp import rdp as rdp_math
+from fedcore.dp.amplification import booked_rate, draw_checkin, poisson_subsampled
 from fedcore.errors import UnusableUpdateError
 from fedcore.messages import CohortConfig, Mode
 from fedcore.modelspec import num_parameters
@@ -73,6 +75,13 @@ class UserDPRequirement:
     delta: float = 1e-5
     min_noise: float = 0.0  # refuse cohorts with a smaller noise multiplier
     max_clip: float = math.inf  # refuse cohorts with a larger clip
+    # Random check-in (fedcore.dp.amplification): the chance, per cohort, that this device's
+    # update goes into the sum (zeros otherwise). 1.0: always, no amplification booked.
+    checkin_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.checkin_p <= 1:
+            raise ValueError(f"checkin_p must be in (0, 1] (got {self.checkin_p})")
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,14 @@ class DevicePrivacy:
     state_dir: Path
     sample: SampleDPSettings | None = None
     user: UserDPRequirement | None = None
+
+
+def _amplified(worst: list[float], rate: float) -> list[float]:
+    """A release's user-level RDP (on ``rdp.INTEGER_ORDERS``, as ``worst_case_rdp`` gives
+    it) booked at check-in ``rate`` (1.0: unchanged)."""
+    if rate >= 1:
+        return worst
+    return poisson_subsampled(rdp=worst, orders=rdp_math.INTEGER_ORDERS, q=rate)
 
 
 def say(client_id: str, msg: str) -> None:
@@ -124,6 +141,8 @@ class Device:
         self.privacy = privacy
         self.budget = PrivacyState.load(privacy.state_dir) if privacy else None
         self._dp_plan: tuple[float, float] | None = None  # (noise multiplier, sampling rate)
+        # The open cohort's id and the rate its release is booked at (random check-in).
+        self._checkin: tuple[str, float] | None = None
         self.x, self.y = x, y
         self.train = train
         self.loop = loop
@@ -188,23 +207,43 @@ class Device:
                 f"refusing {cfg.cohort_id}: noise {dp.noise_multiplier} / clip {dp.clip} is weaker "
                 f"than this device's minimum noise {want.min_noise} / maximum clip {want.max_clip}"
             )
+        # Amplification only where the coin stays hidden (booked_rate: masked, noised sums).
+        rate = booked_rate(
+            want.checkin_p, secure=cfg.mode is Mode.SECAGG, distributed_dp=cfg.dp is not None
+        )
+        worst = dp.worst_case_rdp(cfg.min_members, num_parameters())
         try:
-            self.budget.check_user(
-                dp.worst_case_rdp(cfg.min_members, num_parameters()),
-                want.target_epsilon,
-                want.delta,
-            )
+            self.budget.check_user(_amplified(worst, rate), want.target_epsilon, want.delta)
         except BudgetExhausted as exc:
             return f"refusing {cfg.cohort_id}: {exc}"
+        self._checkin = (cfg.cohort_id, rate)
+        if rate < 1:
+            self.log(
+                f"{cfg.cohort_id}: random check-in, this device's update goes in with "
+                f"probability {rate:g}; booking the amplified release"
+            )
         return None
 
+    def _rate(self, cfg: CohortConfig) -> float:
+        """The check-in rate admitted for ``cfg`` (1.0: always contribute, unamplified)."""
+        if self._checkin is None or self._checkin[0] != cfg.cohort_id:
+            return 1.0
+        return self._checkin[1]
+
     def book_release(self, rdp: Sequence[float]) -> None:
-        """The masked, noised update is out: its release's worst case is spent."""
+        """The masked, noised update is out: its release's worst case is spent, amplified
+        at the rate admitted for this cohort. The same curve is booked whichever way the
+        coin fell, so the spend (and when the budget runs out) never reveals it."""
         if self.privacy is None or self.budget is None:
             return
-        self.budget.user_ledger = self.budget.user_ledger.plus(list(rdp))
+        rate = self._checkin[1] if self._checkin is not None else 1.0
+        self._checkin = None
+        self.budget.record_release(_amplified(list(rdp), rate), unamplified=list(rdp))
         self.budget.save(self.privacy.state_dir)
-        self.log(f"user-level epsilon spent: {self.budget.user_epsilon():.3f}")
+        extra = ""
+        if rate < 1:
+            extra = f" (without random check-ins: {self.budget.user_epsilon_unamplified():.3f})"
+        self.log(f"user-level epsilon spent: {self.budget.user_epsilon():.3f}{extra}")
 
     def train_update(self, cfg: CohortConfig, *, budget_s: float | None = None) -> Update:
         """Train from ``cfg``'s base version (UnusableUpdateError if it diverged), as many
@@ -247,4 +286,9 @@ class Device:
                 f"training from version {cfg.base_version} diverged (loss {result.loss:.4g}); "
                 "sitting this cohort out"
             )
+        # Random check-in: the coin is drawn now, after the cohort's membership is fixed and
+        # after training (which runs either way: its time is visible). Tails: zeros go in,
+        # clipped, noised and masked like any update. Not logged: the coin is a secret.
+        if (rate := self._rate(cfg)) < 1 and not draw_checkin(rate):
+            delta = {k: np.zeros_like(v) for k, v in delta.items()}
         return Update(delta, result.num_samples, result.loss)

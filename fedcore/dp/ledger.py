@@ -20,9 +20,12 @@ every participation:
   Before checking in, the device projects the epsilon after one more participation and
   refuses to train past its target.
 * user level: the worst-case RDP of each cohort release its masked, noised update went
-  into (assuming only the cohort's minimum survived). The device refuses a cohort whose
-  release would take it past its user-level target. This stays RDP: the releases carry
-  distributed Skellam noise, which ``dp_accounting``'s PLD does not cover.
+  into (assuming only the cohort's minimum survived), amplified where the device's own
+  random check-in coin justifies it (``fedcore.dp.amplification``). The device refuses a
+  cohort whose release would take it past its user-level target. The same releases
+  without amplification are kept beside it (``user_epsilon_unamplified``): the spend if
+  the coins were ever learnt. This stays RDP: the releases carry distributed Skellam
+  noise, which ``dp_accounting``'s PLD does not cover.
 
 RDP composes by addition at each order (Mironov 2017, "Rényi Differential Privacy",
 proposition 1); the conversion to (epsilon, delta) is ``rdp.epsilon``.
@@ -42,7 +45,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -126,6 +129,23 @@ def calibrate_noise(target: float, delta: float, q: float, steps: int) -> float:
     return hi
 
 
+def _read_rdp_ledger(doc: object) -> rdp.Ledger | None:
+    """An RDP ledger as ``_rdp_ledger_doc`` wrote it; None when absent."""
+    if not doc:
+        return None
+    if not isinstance(doc, Mapping):
+        raise TypeError(f"an RDP ledger is an object, got {type(doc).__name__}")
+    return rdp.Ledger(
+        [float(o) for o in doc.get("orders", rdp.INTEGER_ORDERS)],
+        [float(r) for r in doc.get("rdp", [])],
+        int(doc.get("events", 0)),
+    )
+
+
+def _rdp_ledger_doc(ledger: rdp.Ledger) -> dict[str, object]:
+    return {"orders": ledger.orders, "rdp": ledger.rdp, "events": ledger.events}
+
+
 def _fix(kind: str, stored: Budget | None, asked: Budget) -> Budget:
     """The budget to hold this run to: ``asked`` if the stored one admits it; refuse more."""
     if stored is None or stored.admits(asked):
@@ -148,10 +168,12 @@ class DeviceLedger:
     sample_history: list[list[float]] = field(default_factory=list)  # [sigma, q, steps]
     sample_sigma: float | None = None  # calibrated once, so a restart keeps the same noise
     sample_delta: float = 1e-5
-    user_ledger: rdp.Ledger = field(default_factory=rdp.Ledger)
+    user_ledger: rdp.Ledger = field(default_factory=rdp.Ledger)  # booked: amplified if justified
     user_delta: float = 1e-5
     sample_budget: Budget | None = None  # fixed at first use
     user_budget: Budget | None = None  # fixed at first use
+    # The same releases without amplification; None: as booked (a file from before it).
+    user_unamplified: rdp.Ledger | None = None
 
     # -- persistence -------------------------------------------------------------
     @classmethod
@@ -165,21 +187,17 @@ class DeviceLedger:
             return cls()
         try:
             doc = json.loads(path.read_text())
-            ledger = doc.get("user_ledger") or {}
             return cls(
                 sample_history=[
                     [float(a), float(b), float(c)] for a, b, c in doc["sample_history"]
                 ],
                 sample_sigma=doc.get("sample_sigma"),
                 sample_delta=float(doc.get("sample_delta", 1e-5)),
-                user_ledger=rdp.Ledger(
-                    [float(o) for o in ledger.get("orders", rdp.INTEGER_ORDERS)],
-                    [float(r) for r in ledger.get("rdp", [])],
-                    int(ledger.get("events", 0)),
-                ),
+                user_ledger=_read_rdp_ledger(doc.get("user_ledger")) or rdp.Ledger(),
                 user_delta=float(doc.get("user_delta", 1e-5)),
                 sample_budget=Budget.from_dict(doc.get("sample_budget")),
                 user_budget=Budget.from_dict(doc.get("user_budget")),
+                user_unamplified=_read_rdp_ledger(doc.get("user_ledger_unamplified")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # Never reset a budget silently: a device that cannot read what it spent stops.
@@ -198,13 +216,11 @@ class DeviceLedger:
             "sample_epsilon": self.sample_epsilon(),  # the governing (PLD) epsilon
             "sample_epsilon_rdp": self.sample_epsilon_rdp(),  # the RDP cross-check
             "sample_budget": self.sample_budget.to_dict() if self.sample_budget else None,
-            "user_ledger": {
-                "orders": self.user_ledger.orders,
-                "rdp": self.user_ledger.rdp,
-                "events": self.user_ledger.events,
-            },
+            "user_ledger": _rdp_ledger_doc(self.user_ledger),
             "user_delta": self.user_delta,
             "user_epsilon": self.user_epsilon(),
+            "user_ledger_unamplified": _rdp_ledger_doc(self.unamplified()),
+            "user_epsilon_unamplified": self.user_epsilon_unamplified(),
             "user_budget": self.user_budget.to_dict() if self.user_budget else None,
         }
         tmp = state_dir / (STATE_FILE + ".tmp")
@@ -330,9 +346,29 @@ class DeviceLedger:
                 "This device stops joining."
             )
 
-    def record_release(self, worst_rdp: list[float]) -> None:
-        """Book a release this device's noised update went into (its worst case)."""
-        self.user_ledger = self.user_ledger.plus(worst_rdp)
+    def record_release(
+        self, worst_rdp: Sequence[float], *, unamplified: Sequence[float] | None = None
+    ) -> None:
+        """Book a release this device's noised update went into (its worst case):
+        ``worst_rdp`` as booked (amplified where justified), ``unamplified`` the same
+        release without amplification (None: the same curve)."""
+        before = self.unamplified()
+        self.user_ledger = self.user_ledger.plus(list(worst_rdp))
+        self.user_unamplified = before.plus(list(unamplified or worst_rdp))
+
+    def unamplified(self) -> rdp.Ledger:
+        """The user-level releases without amplification (a ledger from before amplification
+        booked none: its ``user_ledger`` is that)."""
+        if self.user_unamplified is not None:
+            return self.user_unamplified
+        return rdp.Ledger(list(self.user_ledger.orders), list(self.user_ledger.rdp),
+                          self.user_ledger.events)  # fmt: skip
+
+    def user_epsilon_unamplified(self) -> float:
+        """User-level epsilon of the same releases were every coin known (at ``user_delta``):
+        what the device would have spent without random check-ins. At least ``user_epsilon``."""
+        ledger = self.unamplified()
+        return ledger.epsilon(self.user_delta) if ledger.events else 0.0
 
 
 # ------------------------------------------------------------------------- releases
