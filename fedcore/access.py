@@ -7,14 +7,15 @@ code actually does (``participant.py``, ``device/secure.py``, ``status.py``,
 ``versions.py``), and deny everything else:
 
 - create (write-once, ``put_new``): the device's own check-ins, and its own
-  key / share / input / reveal message in a cohort whose config names it as a
-  member (the input kind must match the cohort's mode: ``masked`` for
-  secagg, ``plain`` for plaintext). Never identities (the gateway writes
+  key / share / input / consistency / reveal message in a cohort whose config
+  names it as a member (the input kind must match the cohort's mode: ``masked``
+  for secagg, ``plain`` for plaintext; consistency signatures in secagg only). Never identities (the gateway writes
   those at enrollment), configs, manifests, sums, models or the pointer.
 - read (``get``/``head``): model versions and the pointer, identities
-  (public keys), cohort configs and phase manifests, the key and share
-  messages of members of a cohort the reader belongs to (its own included;
-  share ciphertexts are AES-GCM-encrypted per receiver), and its own
+  (public keys), cohort configs and phase manifests, the key, share and
+  consistency messages of members of a cohort the reader belongs to (its own
+  included; share ciphertexts are AES-GCM-encrypted per receiver; a
+  consistency message is a signature over a public member list), and its own
   check-ins. Never a masked/plain input or a reveal, not even its own (no
   device code reads one back, so the gateway's IAM role can go without
   read access to them: template.yaml, tests/infra/test_iam.py), the masked
@@ -90,8 +91,10 @@ _OK = Decision(True, "allowed")
 
 # Member kinds a member may create, and whether peers may read them.
 _INPUT_FOR_MODE = {"secagg": Kind.MASKED, "plaintext": Kind.PLAIN}
-_PEER_READABLE = (Kind.KEYS, Kind.SHARES)
-_OWN_CREATABLE = (Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.UNMASK)
+_PEER_READABLE = (Kind.KEYS, Kind.SHARES, Kind.CONSISTENCY)
+_OWN_CREATABLE = (
+    Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.CONSISTENCY, Kind.UNMASK,
+)  # fmt: skip
 
 
 def decide(
@@ -128,6 +131,8 @@ def decide(
             return facts
         if kind in (Kind.MASKED, Kind.PLAIN) and kind is not _INPUT_FOR_MODE.get(facts.mode):
             return _deny(f"a {facts.mode} cohort takes no {kind.value} input")
+        if kind is Kind.CONSISTENCY and facts.mode != "secagg":
+            return _deny(f"a {facts.mode} cohort takes no consistency signatures")
         return _OK
     return _deny(f"devices may not create {kind.value} objects")
 

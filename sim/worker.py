@@ -64,6 +64,7 @@ from fedcore.device.machine import (
     Advertise,
     AwaitCohort,
     AwaitPhase,
+    AwaitQuorum,
     AwaitVersion,
     BookRelease,
     CheckedIn,
@@ -81,6 +82,7 @@ from fedcore.device.machine import (
     Request,
     Say,
     Share,
+    SignInputs,
     TimedOut,
     Train,
     Unmask,
@@ -163,10 +165,11 @@ class SimSettings:
 
 class _SharedReads:
     """The store a worker's devices use: each write-once, public cohort message
-    (a member's signed keys or encrypted shares) is downloaded once per worker
-    instead of once per neighbour; every device still parses and verifies it."""
+    (a member's signed keys, encrypted shares or consistency signature) is downloaded
+    once per worker instead of once per reader; every device still parses and verifies
+    it."""
 
-    CACHED = (Kind.KEYS, Kind.SHARES)
+    CACHED = (Kind.KEYS, Kind.SHARES, Kind.CONSISTENCY)
 
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
@@ -370,8 +373,8 @@ class WorkerStats:
 _KIND: dict[type, str] = {
     AwaitVersion: "version", CheckSampleBudget: "budget", CheckIn: "check_in",
     AwaitCohort: "join", CheckUserPrivacy: "admission", Advertise: "keys", AwaitPhase: "phase",
-    Share: "share", Train: "train", UploadMasked: "upload", Unmask: "unmask",
-    UploadPlain: "upload",
+    Share: "share", Train: "train", UploadMasked: "upload", SignInputs: "sign",
+    AwaitQuorum: "quorum", Unmask: "unmask", UploadPlain: "upload",
 }  # fmt: skip
 _EFFECTS = (Say, BookRelease, Leave)
 # Stages in which a device counts as online (checked in or in a cohort) for ``max_active``.
