@@ -195,7 +195,7 @@ def run_cohort(endpoint: str, n: int, drop: float, run_id: str) -> dict[str, Any
     cfg = coord.config(cohort)
     dropped = set(sorted(devices)[: round(drop * n)])
     rounds = {c: SecureRound(p, cfg) for c, p in devices.items()}
-    steps = ("keys", "share", "mask", "sign", "agree", "unmask")
+    steps = ("keys", "share", "mask", "sign", "quorum", "unmask")
     times: dict[str, dict[str, list[float]]] = {s: {"total": [], "compute": []} for s in steps}
 
     def play(step: str, fn: Any, *, notify: bool) -> None:
@@ -232,7 +232,7 @@ def run_cohort(endpoint: str, n: int, drop: float, run_id: str) -> dict[str, Any
     for c in survivors:  # round 3b: every survivor signs U3, then checks the quorum
         play("sign", lambda c=c: rounds[c].sign_inputs(u3), notify=False)
     for c in survivors:
-        play("agree", lambda c=c: rounds[c].consensus(u3), notify=False)
+        play("quorum", lambda c=c: rounds[c].quorum(u3), notify=False)
     for c in survivors:
         play("unmask", lambda c=c: rounds[c].unmask(u2, u3), notify=False)
     server["finalize"] = run_child("finalize", endpoint, bucket, cohort, n)
@@ -290,8 +290,9 @@ def local_epoch_s(repeats: int = 3) -> dict[str, float]:
 # --------------------------------------------------------------------- main
 def summarize(row: dict[str, Any], train: dict[str, float]) -> dict[str, float]:
     c, s = row["client"], row["server"]
-    overhead = sum(c[k]["compute_median_s"] for k in ("keys", "share", "mask", "unmask"))
-    consistency = c["sign"]["median_s"] + c["agree"]["median_s"]
+    steps = ("keys", "share", "mask", "sign", "quorum", "unmask")  # the consistency round too
+    overhead = sum(c[k]["compute_median_s"] for k in steps)
+    consistency = c["sign"]["median_s"] + c["quorum"]["median_s"]
     secure_server = s["sum"]["wall_s"] + s["finalize"]["wall_s"]
     fin = s["finalize"]
     unmask_aggregate = s["sum"]["wall_s"] + fin["close_unmask_round_s"] + fin["unmask_s"]
@@ -300,7 +301,7 @@ def summarize(row: dict[str, Any], train: dict[str, float]) -> dict[str, float]:
         # Round 3b (sign U3, read and verify a quorum of signatures), I/O included.
         "client_consistency_s": consistency,
         "client_consistency_compute_s": c["sign"]["compute_median_s"]
-        + c["agree"]["compute_median_s"],
+        + c["quorum"]["compute_median_s"],
         "client_overhead_vs_epoch": overhead / train["epoch_s"],
         "client_overhead_in_steps": overhead / train["step_s"],
         "server_secure_s": secure_server,

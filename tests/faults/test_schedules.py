@@ -116,7 +116,7 @@ class Schedule:
             return True
         needs = {
             "shares": Phase.KEYS, "inputs": Phase.SHARES, "sign": Phase.INPUTS,
-            "agree": Phase.INPUTS, "unmask": Phase.INPUTS,
+            "quorum": Phase.INPUTS, "unmask": Phase.INPUTS,
         }  # fmt: skip
         prev = self.manifest(cfg, needs[m.stage]) if self.mode == "secagg" else None
         if self.mode == "secagg":
@@ -143,13 +143,13 @@ class Schedule:
                 m.u2 = prev
                 m.rnd.upload(prev, delta, num_samples=m.samples)  # type: ignore[arg-type]
                 m.stage = "sign"
-        elif m.stage == "sign":  # round 3b: sign U3, then wait for a quorum over it
+        elif m.stage == "sign":  # round 3b: sign U3, then wait until t members signed it
             assert m.rnd is not None
             m.rnd.sign_inputs(prev)  # type: ignore[arg-type]
-            m.stage = "agree"
-        elif m.stage == "agree":
+            m.stage = "quorum"
+        elif m.stage == "quorum":
             assert m.rnd is not None
-            if m.rnd.consensus(prev) is None:  # type: ignore[arg-type]
+            if m.rnd.quorum(prev) is None:  # type: ignore[arg-type]
                 if self.h.result(cfg) is not None:
                     m.stage = "done"
                     return True
