@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 from fedcore import layout
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig, Manifest, Mode
+from fedcore.secagg import admission
 
 if TYPE_CHECKING:
     from fedcore.participant import Ticket
@@ -472,15 +473,16 @@ def quorum_fault(cfg: CohortConfig, u3: Manifest, signers: tuple[str, ...]) -> s
     """Why ``signers`` are not enough to reveal for ``u3``; None if they are.
 
     The runner checked each signature (``fedcore.secagg.admission.signed_quorum``); this
-    is the machine's own, single-sourced gate before round 4: at least ``t`` distinct
-    members of U3 (``t`` is a strict majority of a member's k + 1 holders, ``params_fault``).
+    is the machine's own gate before round 4: at least ``admission.quorum_size`` (``t``,
+    a strict majority of a member's k + 1 holders, ``params_fault``) distinct members of U3.
     """
     t = cfg.secagg.t if cfg.secagg is not None else 1
+    need = max(1, admission.quorum_size(len(cfg.members), t))
     counted = set(signers) & set(u3.members)
-    if len(counted) < t:
+    if len(counted) < need:
         return (
             f"{cfg.cohort_id}: only {len(counted)} members of the input set signed it "
-            f"(need t={t}); revealing nothing"
+            f"(need {need}, t={t}); revealing nothing"
         )
     return None
 

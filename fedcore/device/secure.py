@@ -263,10 +263,10 @@ class SecureRound:
         inputs = tuple(sorted(u3.members))
         if self._signed_for != inputs:
             raise IntegrityError(f"{cid}: asked about an input set this member did not sign")
-        t = self.params.t
+        t, n = self.params.t, len(self.members)
         agreed = len(admission.agreeing(self._valid(), cohort_id=cid, inputs=set(inputs)))
         for v in inputs:
-            if agreed >= t:
+            if agreed >= admission.quorum_size(n, t):
                 break  # the remaining reads would change nothing
             if v in self._signatures:
                 continue
@@ -295,7 +295,9 @@ class SecureRound:
                            "reason": f"{len(msg.inputs)} members, ours {len(inputs)}"},
                 )  # fmt: skip
         try:
-            return admission.signed_quorum(self._valid(), cohort_id=cid, inputs=set(inputs), t=t)
+            return admission.signed_quorum(
+                self._valid(), cohort_id=cid, inputs=set(inputs), n=n, t=t
+            )
         except IntegrityError:
             return None
 
@@ -330,8 +332,8 @@ class SecureRound:
             raise ProtocolError(f"{self.cfg.cohort_id}: cohort already ended; nothing to unmask")
         if self.quorum(u3) is None:  # the machine waited for it; never reveal without one
             raise ProtocolError(
-                f"{self.cfg.cohort_id}: fewer than t={self.params.t} members signed this "
-                "input set; refusing to unmask"
+                f"{self.cfg.cohort_id}: too few members signed this input set "
+                f"(t={self.params.t}); refusing to unmask"
             )
         cid = self.cfg.cohort_id
         self_shares: dict[str, int] = {self.me: self._own_b_share}

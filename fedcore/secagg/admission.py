@@ -139,22 +139,32 @@ def agreeing(msgs: Mapping[str, ConsistencyMsg], *, cohort_id: str, inputs: Set[
     )
 
 
+def quorum_size(n: int, t: int) -> int:
+    """How many members of U3 must sign the identical U3 before anyone reveals: ``t``.
+
+    Bonawitz et al. 2017, section 4 (ConsistencyCheck): at least ``t`` signatures.
+    ``t`` is the Shamir threshold, which every device has checked is a strict majority
+    of a member's ``k + 1`` share holders (``fedcore.device.machine.params_fault``); ``n``
+    (the cohort's size) is what a stricter rule would need. The device machine, the
+    device's ``SecureRound`` and the function all ask here, so the rule is one line.
+    """
+    return t
+
+
 def signed_quorum(
-    msgs: Mapping[str, ConsistencyMsg], *, cohort_id: str, inputs: Set[str], t: int
+    msgs: Mapping[str, ConsistencyMsg], *, cohort_id: str, inputs: Set[str], n: int, t: int
 ) -> list[str]:
     """The members of ``inputs`` who signed exactly ``inputs``; ``IntegrityError`` (with the
-    reason) if they are fewer than ``t``: then no member reveals and the function does
-    not unmask. The device and the function call this one rule.
-
-    ``t`` is the Shamir threshold, which every device has checked is a strict majority of
-    a member's ``k + 1`` share holders (``fedcore.device.machine.params_fault``).
-    """
-    if t < 1:
-        raise IntegrityError(f"threshold t={t} cannot make a quorum")
+    reason) if they are fewer than ``quorum_size(n, t)``: then no member reveals and the
+    function does not unmask. The device and the function call this one rule."""
+    need = quorum_size(n, t)
+    if need < 1:
+        raise IntegrityError(f"a quorum of {need} (t={t}) is no quorum")
     signers = agreeing(msgs, cohort_id=cohort_id, inputs=inputs)
-    if len(signers) < t:
+    if len(signers) < need:
         raise IntegrityError(
-            f"only {len(signers)} members of the input set of {len(inputs)} signed it; need t={t}"
+            f"only {len(signers)} members of the input set of {len(inputs)} signed it; "
+            f"need {need} (t={t})"
         )
     return signers
 

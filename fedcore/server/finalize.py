@@ -398,7 +398,7 @@ class Finalizer:
             msgs = {c: msg for c, msg in pool.map(read, sorted(u3)) if msg is not None}
         try:
             return admission.signed_quorum(
-                msgs, cohort_id=cid, inputs=set(u3), t=secagg_params(cfg).t
+                msgs, cohort_id=cid, inputs=set(u3), n=len(cfg.members), t=secagg_params(cfg).t
             )
         except IntegrityError as exc:
             raise CohortAborted(f"no consistency quorum over the input set: {exc}") from exc

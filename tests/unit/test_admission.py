@@ -108,9 +108,11 @@ def test_consistency_quorum_counts_only_signatures_over_the_identical_set() -> N
     and fewer than t of them is refused with the reason."""
     u3 = ("a", "b", "c")
     msgs = {"a": _signed("a", u3), "b": _signed("b", u3), "c": _signed("c", ("a", "c"))}
-    assert admission.signed_quorum(msgs, cohort_id=COHORT, inputs=set(u3), t=2) == ["a", "b"]
-    with pytest.raises(IntegrityError, match="only 2 members of the input set of 3 signed it"):
-        admission.signed_quorum(msgs, cohort_id=COHORT, inputs=set(u3), t=3)
+    assert admission.signed_quorum(msgs, cohort_id=COHORT, inputs=set(u3), n=3, t=2) == ["a", "b"]
+    with pytest.raises(
+        IntegrityError, match=r"only 2 members of the input set of 3 signed it; need 3 \(t=3\)"
+    ):
+        admission.signed_quorum(msgs, cohort_id=COHORT, inputs=set(u3), n=3, t=3)
     with pytest.raises(IntegrityError, match="leaves it out"):
         _signed("d", u3)
 
@@ -158,10 +160,10 @@ def test_quorum_holds_iff_t_members_of_the_set_signed_exactly_it(
         if c in u3 and s == u3 and cid == COHORT and who == c
     )
     if len(expect) >= t:
-        assert admission.signed_quorum(msgs, cohort_id=COHORT, inputs=u3, t=t) == expect
+        assert admission.signed_quorum(msgs, cohort_id=COHORT, inputs=u3, n=6, t=t) == expect
     else:
         with pytest.raises(IntegrityError):
-            admission.signed_quorum(msgs, cohort_id=COHORT, inputs=u3, t=t)
+            admission.signed_quorum(msgs, cohort_id=COHORT, inputs=u3, n=6, t=t)
     other = set(u3) ^ {"a"}
     if other and 2 * t > len(u3 | other):
         agreed = [

@@ -779,7 +779,7 @@ def test_a_quorum_below_t_of_u3_members_reveals_nothing(signers: tuple[str, ...]
     _, actions = m.step(at(Stage.QUORUM), m.QuorumSeen(signers))
     assert not any(isinstance(a, m.Unmask) for a in actions)
     [leave] = left(actions)
-    assert leave.outcome is Outcome.ABANDONED and "need t=3" in leave.reason
+    assert leave.outcome is Outcome.ABANDONED and "(need 3, t=3)" in leave.reason
 
 
 @pytest.mark.parametrize("why", [m.CohortEnded(), m.TimedOut(), m.Stopped()])
