@@ -1,7 +1,8 @@
 """Cost of secure aggregation at the real model size (SimpleCNN, about 1.2M parameters).
 
 For each cohort size n and dropout rate, n in-process devices play the four
-rounds through the moto server with the real ``SecureRound`` code; the
+rounds, and the consistency round between the last two (sign U3, read and verify
+t signatures over it), through the moto server with the real ``SecureRound`` code; the
 dropped fraction vanishes after sharing its keys (the costly case for the
 server: it must rebuild their pairwise masks). The server steps run in a
 fresh child process each, as a Lambda would, through the real
@@ -356,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"n={n:<4} drop={drop:.0%} k={row['k']:<3} t={row['t']:<3} client: keys "
                     f"{c['keys']['compute_median_s'] * 1e3:.1f}ms share {c['share']['compute_median_s'] * 1e3:.1f}ms "
-                    f"mask {c['mask']['compute_median_s'] * 1e3:.1f}ms unmask {c['unmask']['compute_median_s'] * 1e3:.1f}ms "
+                    f"mask {c['mask']['compute_median_s'] * 1e3:.1f}ms sign {c['sign']['compute_median_s'] * 1e3:.2f}ms "
+                    f"quorum {c['quorum']['compute_median_s'] * 1e3:.2f}ms "
+                    f"({c['quorum']['median_s'] * 1e3:.1f}ms with reads) "
+                    f"unmask {c['unmask']['compute_median_s'] * 1e3:.1f}ms "
                     f"= {sm['client_overhead_vs_epoch']:.1%} of an epoch | server: sum "
                     f"{row['server']['sum']['wall_s']:.2f}s finalize {row['server']['finalize']['wall_s']:.2f}s "
                     f"plain {row['server']['plain']['wall_s']:.2f}s ratio {sm['server_ratio_vs_plain_sum']:.2f} "
