@@ -344,7 +344,8 @@ class SimDevice:
     runner: Runner | None = None
     state: DeviceState | None = None
     request: Request | None = None  # what the machine waits for (None: DONE)
-    waiting: tuple[Request, float] | None = None  # the wait the worker answers, since when
+    # The wait the worker answers, since when (for AwaitQuorum: when to look next).
+    waiting: tuple[Request, float] | None = None
     checked_at: float = 0.0  # when the check-in was last confirmed to stand
     joined_at: float = 0.0
 
@@ -517,6 +518,13 @@ class Worker:
                 return self._cohort_for(d, req)
             case AwaitPhase():
                 return self._phase_for(d, req)
+            case AwaitQuorum():
+                # The runner reads the signatures still missing on each look: once per
+                # poll_s per device, not on every pass of the loop (404s add up at scale).
+                now = time.monotonic()
+                if d.waiting is not None and d.waiting[0] == req and now < d.waiting[1]:
+                    return None
+                d.waiting = (req, now + self.s.poll_s)
         assert d.runner is not None
         return d.runner.perform(req)
 
