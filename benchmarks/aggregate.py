@@ -300,6 +300,8 @@ def _device_worker(conn: Any, endpoint: str, bucket: str, ids: list[str]) -> Non
                     for c in ids
                     if c in who
                 ]
+            elif cmd == "sign":  # round 3b: every survivor signs U3 before anyone reveals
+                res = [rounds[c].sign_inputs(arg) for c in ids if c in arg.members]
             elif cmd == "unmask":
                 u2, u3 = arg
                 res = [rounds[c].unmask(u2, u3) for c in ids if c in u3.members]
@@ -450,6 +452,7 @@ def run_cohort(
             )  # fmt: skip
         u3 = coord.manifest(cohort, Phase.INPUTS)
         assert u3 is not None and sorted(u3.members) == sorted(survivors), "input round"
+        step("sign_s", lambda: pool.call("sign", u3))
         reveals = step("unmask_s", lambda: pool.call("unmask", (u2, u3)))
         spec = {**base, "last_unmask": reveals[-1]}
         for rep in range(repeats):

@@ -1,7 +1,8 @@
 """Cost of secure aggregation at the real model size (SimpleCNN, about 1.2M parameters).
 
 For each cohort size n and dropout rate, n in-process devices play the four
-rounds through the moto server with the real ``SecureRound`` code; the
+rounds, and the consistency round between the last two (sign U3, read and verify
+t signatures over it), through the moto server with the real ``SecureRound`` code; the
 dropped fraction vanishes after sharing its keys (the costly case for the
 server: it must rebuild their pairwise masks). The server steps run in a
 fresh child process each, as a Lambda would, through the real
@@ -195,7 +196,7 @@ def run_cohort(endpoint: str, n: int, drop: float, run_id: str) -> dict[str, Any
     cfg = coord.config(cohort)
     dropped = set(sorted(devices)[: round(drop * n)])
     rounds = {c: SecureRound(p, cfg) for c, p in devices.items()}
-    steps = ("keys", "share", "mask", "unmask")
+    steps = ("keys", "share", "mask", "sign", "quorum", "unmask")
     times: dict[str, dict[str, list[float]]] = {s: {"total": [], "compute": []} for s in steps}
 
     def play(step: str, fn: Any, *, notify: bool) -> None:
@@ -229,6 +230,10 @@ def run_cohort(endpoint: str, n: int, drop: float, run_id: str) -> dict[str, Any
     server["plain"] = run_child("plain", endpoint, bucket, cohort, n)
     u3 = coord.manifest(cohort, Phase.INPUTS)
     assert u3 is not None and sorted(u3.members) == sorted(survivors), "input round"
+    for c in survivors:  # round 3b: every survivor signs U3, then checks the quorum
+        play("sign", lambda c=c: rounds[c].sign_inputs(u3), notify=False)
+    for c in survivors:
+        play("quorum", lambda c=c: rounds[c].quorum(u3), notify=False)
     for c in survivors:
         play("unmask", lambda c=c: rounds[c].unmask(u2, u3), notify=False)
     server["finalize"] = run_child("finalize", endpoint, bucket, cohort, n)
@@ -286,12 +291,18 @@ def local_epoch_s(repeats: int = 3) -> dict[str, float]:
 # --------------------------------------------------------------------- main
 def summarize(row: dict[str, Any], train: dict[str, float]) -> dict[str, float]:
     c, s = row["client"], row["server"]
-    overhead = sum(c[k]["compute_median_s"] for k in ("keys", "share", "mask", "unmask"))
+    steps = ("keys", "share", "mask", "sign", "quorum", "unmask")  # the consistency round too
+    overhead = sum(c[k]["compute_median_s"] for k in steps)
+    consistency = c["sign"]["median_s"] + c["quorum"]["median_s"]
     secure_server = s["sum"]["wall_s"] + s["finalize"]["wall_s"]
     fin = s["finalize"]
     unmask_aggregate = s["sum"]["wall_s"] + fin["close_unmask_round_s"] + fin["unmask_s"]
     return {
         "client_secagg_compute_s": overhead,
+        # Round 3b (sign U3, read and verify a quorum of signatures), I/O included.
+        "client_consistency_s": consistency,
+        "client_consistency_compute_s": c["sign"]["compute_median_s"]
+        + c["quorum"]["compute_median_s"],
         "client_overhead_vs_epoch": overhead / train["epoch_s"],
         "client_overhead_in_steps": overhead / train["step_s"],
         "server_secure_s": secure_server,
@@ -346,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"n={n:<4} drop={drop:.0%} k={row['k']:<3} t={row['t']:<3} client: keys "
                     f"{c['keys']['compute_median_s'] * 1e3:.1f}ms share {c['share']['compute_median_s'] * 1e3:.1f}ms "
-                    f"mask {c['mask']['compute_median_s'] * 1e3:.1f}ms unmask {c['unmask']['compute_median_s'] * 1e3:.1f}ms "
+                    f"mask {c['mask']['compute_median_s'] * 1e3:.1f}ms sign {c['sign']['compute_median_s'] * 1e3:.2f}ms "
+                    f"quorum {c['quorum']['compute_median_s'] * 1e3:.2f}ms "
+                    f"({c['quorum']['median_s'] * 1e3:.1f}ms with reads) "
+                    f"unmask {c['unmask']['compute_median_s'] * 1e3:.1f}ms "
                     f"= {sm['client_overhead_vs_epoch']:.1%} of an epoch | server: sum "
                     f"{row['server']['sum']['wall_s']:.2f}s finalize {row['server']['finalize']['wall_s']:.2f}s "
                     f"plain {row['server']['plain']['wall_s']:.2f}s ratio {sm['server_ratio_vs_plain_sum']:.2f} "

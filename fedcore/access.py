@@ -7,16 +7,17 @@ code actually does (``participant.py``, ``device/secure.py``, ``status.py``,
 ``versions.py``), and deny everything else:
 
 - create (write-once, ``put_new``): the device's own check-ins, and its own
-  key / share / input / reveal message in a cohort whose config names it as a
-  member (the input kind must match the cohort's mode: ``masked`` for
-  secagg, ``plain`` for plaintext). Never identities (the gateway writes
+  key / share / input / consistency / reveal message in a cohort whose config
+  names it as a member (the input kind must match the cohort's mode: ``masked``
+  for secagg, ``plain`` for plaintext; consistency signatures in secagg only). Never identities (the gateway writes
   those at enrollment), configs, manifests, sums, models or the pointer.
 - read (``get``/``head``): model versions and the pointer, identities
   (public keys), the config, phase manifests and result of a cohort the
-  reader belongs to, the key and share messages of members of such a cohort
-  (its own included; share ciphertexts are AES-GCM-encrypted per receiver),
-  and its own check-ins. A config whose cohort the gateway does not know
-  yet may be asked for too: S3 answers 404 (discovery polls for configs
+  reader belongs to, the key, share and consistency messages of members of
+  such a cohort (its own included; share ciphertexts are AES-GCM-encrypted
+  per receiver; a consistency message is a signature over a public member
+  list), and its own check-ins. A config whose cohort the gateway does not
+  know yet may be asked for too: S3 answers 404 (discovery polls for configs
   being written), so a device learns the members of no cohort but its own. Never a masked/plain input or a reveal, not even its own (no
   device code reads one back, so the gateway's IAM role can go without
   read access to them: template.yaml, tests/infra/test_iam.py), the masked
@@ -95,8 +96,10 @@ _OK = Decision(True, "allowed")
 
 # Member kinds a member may create, and whether peers may read them.
 _INPUT_FOR_MODE = {"secagg": Kind.MASKED, "plaintext": Kind.PLAIN}
-_PEER_READABLE = (Kind.KEYS, Kind.SHARES)
-_OWN_CREATABLE = (Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.UNMASK)
+_PEER_READABLE = (Kind.KEYS, Kind.SHARES, Kind.CONSISTENCY)
+_OWN_CREATABLE = (
+    Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.CONSISTENCY, Kind.UNMASK,
+)  # fmt: skip
 
 
 def decide(
@@ -133,6 +136,8 @@ def decide(
             return facts
         if kind in (Kind.MASKED, Kind.PLAIN) and kind is not _INPUT_FOR_MODE.get(facts.mode):
             return _deny(f"a {facts.mode} cohort takes no {kind.value} input")
+        if kind is Kind.CONSISTENCY and facts.mode != "secagg":
+            return _deny(f"a {facts.mode} cohort takes no consistency signatures")
         return _OK
     return _deny(f"devices may not create {kind.value} objects")
 

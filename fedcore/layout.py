@@ -49,6 +49,7 @@ class Kind(StrEnum):
     MASKED = "masked"
     PLAIN = "plain"
     UNMASK = "unmask"
+    CONSISTENCY = "consistency"  # round 3b: a survivor's signature over the input set U3
     STATE = "state"
     SUM = "sum"  # the masked sum of a cohort's inputs (reveals nothing without the unmask round)
 
@@ -135,7 +136,7 @@ def config_key(cid: str) -> str:
 
 
 def member_prefix(cid: str, kind: Kind) -> str:
-    """Folder of one per-member round (keys, shares, masked, plain, unmask)."""
+    """Folder of one per-member round (keys, shares, masked, plain, consistency, unmask)."""
     if kind not in _MEMBER_KINDS:
         raise ValueError(f"{kind} is not a per-member round")
     return f"{cohort_prefix(cid)}{kind.value}/"
@@ -162,6 +163,7 @@ _MEMBER_KINDS = {
     Kind.MASKED: ".safetensors",
     Kind.PLAIN: ".safetensors",
     Kind.UNMASK: ".json",
+    Kind.CONSISTENCY: ".json",
 }
 
 _PATTERNS: list[tuple[re.Pattern[str], Kind]] = [

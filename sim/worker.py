@@ -64,6 +64,7 @@ from fedcore.device.machine import (
     Advertise,
     AwaitCohort,
     AwaitPhase,
+    AwaitQuorum,
     AwaitVersion,
     BookRelease,
     CheckedIn,
@@ -81,6 +82,7 @@ from fedcore.device.machine import (
     Request,
     Say,
     Share,
+    SignInputs,
     TimedOut,
     Train,
     Unmask,
@@ -163,10 +165,11 @@ class SimSettings:
 
 class _SharedReads:
     """The store a worker's devices use: each write-once, public cohort message
-    (a member's signed keys or encrypted shares) is downloaded once per worker
-    instead of once per neighbour; every device still parses and verifies it."""
+    (a member's signed keys, encrypted shares or consistency signature) is downloaded
+    once per worker instead of once per reader; every device still parses and verifies
+    it."""
 
-    CACHED = (Kind.KEYS, Kind.SHARES)
+    CACHED = (Kind.KEYS, Kind.SHARES, Kind.CONSISTENCY)
 
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
@@ -341,7 +344,8 @@ class SimDevice:
     runner: Runner | None = None
     state: DeviceState | None = None
     request: Request | None = None  # what the machine waits for (None: DONE)
-    waiting: tuple[Request, float] | None = None  # the wait the worker answers, since when
+    # The wait the worker answers, since when (for AwaitQuorum: when to look next).
+    waiting: tuple[Request, float] | None = None
     checked_at: float = 0.0  # when the check-in was last confirmed to stand
     joined_at: float = 0.0
 
@@ -370,8 +374,8 @@ class WorkerStats:
 _KIND: dict[type, str] = {
     AwaitVersion: "version", CheckSampleBudget: "budget", CheckIn: "check_in",
     AwaitCohort: "join", CheckUserPrivacy: "admission", Advertise: "keys", AwaitPhase: "phase",
-    Share: "share", Train: "train", UploadMasked: "upload", Unmask: "unmask",
-    UploadPlain: "upload",
+    Share: "share", Train: "train", UploadMasked: "upload", SignInputs: "sign",
+    AwaitQuorum: "quorum", Unmask: "unmask", UploadPlain: "upload",
 }  # fmt: skip
 _EFFECTS = (Say, BookRelease, Leave)
 # Stages in which a device counts as online (checked in or in a cohort) for ``max_active``.
@@ -514,6 +518,13 @@ class Worker:
                 return self._cohort_for(d, req)
             case AwaitPhase():
                 return self._phase_for(d, req)
+            case AwaitQuorum():
+                # The runner reads the signatures still missing on each look: once per
+                # poll_s per device, not on every pass of the loop (404s add up at scale).
+                now = time.monotonic()
+                if d.waiting is not None and d.waiting[0] == req and now < d.waiting[1]:
+                    return None
+                d.waiting = (req, now + self.s.poll_s)
         assert d.runner is not None
         return d.runner.perform(req)
 

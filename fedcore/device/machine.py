@@ -14,7 +14,8 @@ and shares rounds and uploads its update in the clear)::
   IDLE --version--> BUDGET --allowed--> CHECK_IN --written--> CHECKED_IN
   --cohort found--> ADMISSION --allowed--> ADVERTISE --written--> KEYS
   --U1--> SHARE --written--> TRAIN --trained--> SHARES --U2--> UPLOAD
-  --uploaded--> INPUTS --U3--> UNMASK --written--> IDLE ... DONE
+  --uploaded--> INPUTS --U3--> SIGN --written--> QUORUM --t signatures over U3-->
+  UNMASK --written--> IDLE ... DONE
   (plaintext: ADMISSION --> TRAIN --> UPLOAD_PLAIN --> IDLE)
 
 Every way out of a cohort ends in one ``Leave(outcome, reason)``: completed,
@@ -24,8 +25,10 @@ dropped (the fault-injection hook made the device vanish at a ``DropPoint``)
 or refused (the cohort's mode or user-level DP is not what this device
 accepts). The safety rules live here, single-sourced: a device only masks
 for the members of a checked U2, only reveals shares after a checked U3 that
-counts it, and never acts on a manifest of another cohort, another phase or
-with strangers in it (``manifest_fault``, ``not_admitted``).
+counts it and that at least ``t`` of U3's members signed identically
+(``quorum_fault``; Bonawitz et al. 2017, section 4, ConsistencyCheck), and
+never acts on a manifest of another cohort, another phase or with strangers in
+it (``manifest_fault``, ``not_admitted``).
 
 After a completed participation the device waits for a version newer than
 the cohort's base (and checks in again if the cohort's result says aborted:
@@ -49,6 +52,7 @@ from typing import TYPE_CHECKING
 from fedcore import layout
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig, Manifest, Mode
+from fedcore.secagg import admission
 
 if TYPE_CHECKING:
     from fedcore.participant import Ticket
@@ -70,6 +74,8 @@ class Stage(Enum):
     SHARES = "shares"  # U2
     UPLOAD = "upload"  # round 3: the masked input being written
     INPUTS = "inputs"  # U3
+    SIGN = "sign"  # round 3b: our signature over U3 being written
+    QUORUM = "quorum"  # t members of U3 signed the identical set
     UNMASK = "unmask"  # round 4: the revealed shares being written
     UPLOAD_PLAIN = "upload_plain"  # plaintext cohorts: the update being written
     DONE = "done"  # stopped: until_version, max_rounds, a budget refusal, or asked to
@@ -240,6 +246,22 @@ class UploadMasked:
 
 
 @dataclass(frozen=True)
+class SignInputs:
+    """Sign U3 (cohort id and sorted members): the one input set this device reveals for."""
+
+    u3: Manifest
+
+
+@dataclass(frozen=True)
+class AwaitQuorum:
+    """Read U3's members' signatures until ``t`` of them signed exactly ``u3``."""
+
+    cfg: CohortConfig
+    u3: Manifest
+    timeout_s: float
+
+
+@dataclass(frozen=True)
 class Unmask:
     u2: Manifest
     u3: Manifest
@@ -252,7 +274,7 @@ class UploadPlain:
 
 Request = (
     AwaitVersion | CheckSampleBudget | CheckIn | AwaitCohort | CheckUserPrivacy | Advertise
-    | AwaitPhase | Share | Train | UploadMasked | Unmask | UploadPlain
+    | AwaitPhase | Share | Train | UploadMasked | SignInputs | AwaitQuorum | Unmask | UploadPlain
 )  # fmt: skip
 
 
@@ -343,6 +365,13 @@ class ManifestRead:
 
 
 @dataclass(frozen=True)
+class QuorumSeen:
+    """Members of U3 whose valid signatures are over exactly the U3 this device signed."""
+
+    signers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class CohortEnded:
     """The cohort's result exists, so the awaited phase will never close."""
 
@@ -404,8 +433,8 @@ class Vanished:
 
 Observation = (
     Pending | Stopped | TimedOut | VersionSeen | Allowed | BudgetRefused | CheckedIn | CohortFound
-    | CheckInExpired | ManifestRead | CohortEnded | Written | Trained | Uploaded | Diverged
-    | WriteConflict | Faulted | Vanished | CohortAborted
+    | CheckInExpired | ManifestRead | QuorumSeen | CohortEnded | Written | Trained | Uploaded
+    | Diverged | WriteConflict | Faulted | Vanished | CohortAborted
 )  # fmt: skip
 
 
@@ -437,6 +466,24 @@ def not_admitted(m: Manifest, cfg: CohortConfig, me: str) -> str | None:
         return f"{cfg.cohort_id}: not counted in {m.phase} (late or rejected)"
     if len(m.members) < cfg.min_members:
         return f"{cfg.cohort_id}: only {len(m.members)} members in {m.phase}; the cohort aborts"
+    return None
+
+
+def quorum_fault(cfg: CohortConfig, u3: Manifest, signers: tuple[str, ...]) -> str | None:
+    """Why ``signers`` are not enough to reveal for ``u3``; None if they are.
+
+    The runner checked each signature (``fedcore.secagg.admission.signed_quorum``); this
+    is the machine's own gate before round 4: at least ``admission.quorum_size`` (``t``,
+    a strict majority of a member's k + 1 holders, ``params_fault``) distinct members of U3.
+    """
+    t = cfg.secagg.t if cfg.secagg is not None else 1
+    need = max(1, admission.quorum_size(len(cfg.members), t))
+    counted = set(signers) & set(u3.members)
+    if len(counted) < need:
+        return (
+            f"{cfg.cohort_id}: only {len(counted)} members of the input set signed it "
+            f"(need {need}, t={t}); revealing nothing"
+        )
     return None
 
 
@@ -593,6 +640,12 @@ def request_for(state: DeviceState) -> Request | None:
             return UploadMasked(state.u2)
         case Stage.INPUTS:
             return AwaitPhase(cfg, Phase.INPUTS, wait_s, DropPoint.INPUTS)
+        case Stage.SIGN:
+            assert state.u3 is not None
+            return SignInputs(state.u3)
+        case Stage.QUORUM:
+            assert state.u3 is not None
+            return AwaitQuorum(cfg, state.u3, wait_s)
         case Stage.UNMASK:
             assert state.u2 is not None and state.u3 is not None
             return Unmask(state.u2, state.u3)
@@ -759,7 +812,26 @@ def _phase_closed(state: DeviceState, obs: ManifestRead) -> Transition:
             return replace(state, stage=Stage.SHARE, u1=m), []
         case Phase.SHARES:
             return replace(state, stage=Stage.UPLOAD, u2=m), []
-    return replace(state, stage=Stage.UNMASK, u3=m), []
+    return replace(state, stage=Stage.SIGN, u3=m), []
+
+
+def _signed(state: DeviceState, obs: Written) -> Transition:
+    return replace(state, stage=Stage.QUORUM), []
+
+
+def _quorum(state: DeviceState, obs: QuorumSeen) -> Transition:
+    """Enough members of U3 signed exactly our U3: no honest one was shown another set that
+    could collect the other kind of share, so revealing is safe."""
+    assert state.cfg is not None and state.u3 is not None
+    if (why := quorum_fault(state.cfg, state.u3, obs.signers)) is not None:
+        return _abandon(state, why)
+    return replace(state, stage=Stage.UNMASK), []
+
+
+def _no_quorum(state: DeviceState, obs: CohortEnded | TimedOut | Stopped) -> Transition:
+    """No quorum over our U3 before the cohort ended or time ran out: reveal nothing."""
+    line = f"{state.cid}: fewer than t members signed the input set in time; revealing nothing"
+    return _leave(state, Outcome.ABANDONED, [Say(line, logging.WARNING, line)], reason=line)
 
 
 def _phase_ended(state: DeviceState, obs: CohortEnded | TimedOut | Stopped) -> Transition:
@@ -905,6 +977,11 @@ _HANDLERS: dict[tuple[Stage, type], Handler] = {  # type: ignore[dict-item]
     (Stage.TRAIN, Diverged): _plain_untrained,
     (Stage.TRAIN, Faulted): _plain_untrained,
     (Stage.UPLOAD, Uploaded): _uploaded,
+    (Stage.SIGN, Written): _signed,
+    (Stage.QUORUM, QuorumSeen): _quorum,
+    (Stage.QUORUM, CohortEnded): _no_quorum,
+    (Stage.QUORUM, TimedOut): _no_quorum,
+    (Stage.QUORUM, Stopped): _no_quorum,
     (Stage.UNMASK, Written): _unmasked,
     (Stage.UNMASK, Faulted): _unmask_refused,
     (Stage.UPLOAD_PLAIN, Written): _plain_uploaded,

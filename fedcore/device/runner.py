@@ -9,7 +9,7 @@ object, or the domain error mapped to ``Faulted`` / ``WriteConflict`` /
 ``Diverged``. Errors the protocol does not handle (a store that keeps failing,
 a bug) propagate: the action was not performed and may be performed again.
 
-Waits (``AwaitVersion``, ``AwaitCohort``, ``AwaitPhase``) run to an answer when
+Waits (``AwaitVersion``, ``AwaitCohort``, ``AwaitPhase``, ``AwaitQuorum``) run to an answer when
 ``blocking``; otherwise each call takes one look and answers ``Pending`` until
 something is there or the wait's ``timeout_s`` (on the runner's clock, counted
 from the first look) has passed. ``drive`` is the blocking loop.
@@ -34,6 +34,7 @@ from fedcore.device.machine import (
     Allowed,
     AwaitCohort,
     AwaitPhase,
+    AwaitQuorum,
     AwaitVersion,
     BookRelease,
     BudgetRefused,
@@ -53,10 +54,12 @@ from fedcore.device.machine import (
     ManifestRead,
     Observation,
     Pending,
+    QuorumSeen,
     Request,
     Say,
     Settings,
     Share,
+    SignInputs,
     Stopped,
     TimedOut,
     Train,
@@ -313,6 +316,13 @@ class Runner:
             return CohortEnded()
         return Pending(self.polling.phase_s)
 
+    def _look_for_quorum(self, req: AwaitQuorum) -> Observation:
+        if (signers := self._open_round().quorum(req.u3)) is not None:
+            return QuorumSeen(tuple(signers))
+        if self.p.result(req.cfg.cohort_id) is not None:
+            return CohortEnded()
+        return Pending(self.polling.phase_s)
+
     def _await(self, req: Request, look: Callable[[Request], Observation]) -> Observation:  # type: ignore[type-arg]
         now = self.clock()
         if self._wait is None or self._wait[0] != req:
@@ -368,6 +378,11 @@ class Runner:
                 self.update = None
                 rdp = None if rnd.privacy_rdp is None else tuple(rnd.privacy_rdp)
                 return Uploaded(rnd.clipped, rnd.dp_norm, rdp)
+            case SignInputs():
+                self._open_round().sign_inputs(action.u3)
+                return Written()
+            case AwaitQuorum():
+                return self._await(action, self._look_for_quorum)
             case Unmask():
                 self._open_round().unmask(action.u2, action.u3)
                 return Written()

@@ -12,8 +12,13 @@ Rounds (Bonawitz et al. 2017, section 4; SecAgg+ neighbour graph):
                 in U1, each share AES-GCM-encrypted to its holder
   3. upload:    quantize [w * delta, w], add PRG(b) and the pairwise masks with
                 the neighbours in U2, upload the uint32 vector
-  4. unmask:    for each neighbour in U2: reveal its b-share if it is in U3
-                (it uploaded), its s_sk-share if it is not (it dropped)
+  3b. consistency: sign U3 (cohort id and sorted members, once per cohort); wait
+                until at least t members of U3 signed the identical set
+                (Bonawitz et al. 2017, section 4, ConsistencyCheck)
+  4. unmask:    only for the one U3 this member signed, once t members agreed on
+                it: for each neighbour in U2 reveal its b-share if it is in U3
+                (it uploaded), its s_sk-share if it is not (it dropped); the
+                reveal names U3
 
 When to call each round, and when to leave instead, is ``fedcore.device.machine``'s
 decision; ``fedcore.device.runner`` calls these methods when the machine says so.
@@ -37,16 +42,18 @@ from fedcore.errors import IntegrityError, NotFoundError, ProtocolError
 from fedcore.layout import Kind
 from fedcore.messages import CohortConfig, Manifest, Mode
 from fedcore.participant import Participant
-from fedcore.secagg import crypto, shamir
+from fedcore.secagg import admission, crypto, shamir
 from fedcore.secagg.masking import mask_input
 from fedcore.secagg.protocol import (
     MASKED_TENSOR,
     SHARE_BYTES,
+    ConsistencyMsg,
     KeysMsg,
     MaskedMeta,
     SharesMsg,
     UnmaskMsg,
     commit_seed,
+    encode_consistency,
     encode_keys,
     encode_shares,
     encode_unmask,
@@ -100,6 +107,11 @@ class SecureRound:
         self._own_b_share = 0
         self._peer_keys: dict[str, KeysMsg] = {}
         self._identities: dict[str, bytes] = {}
+        # Round 3b: the one input set this member signed (kept in memory: a server that
+        # controls the bucket could hide the written signature and ask again), and the
+        # verified signatures read so far (None: refused, never counted, not read again).
+        self._signed_for: tuple[str, ...] | None = None
+        self._signatures: dict[str, ConsistencyMsg | None] = {}
         self.clipped = 0  # coordinates clipped by the quantizer (the range was too small)
         self.dp_norm: float | None = None  # L2 norm of the delta before the user-level clip
         self.privacy_rdp: list[float] | None = None  # user-level RDP this upload may spend
@@ -234,11 +246,87 @@ class SecureRound:
             )
         return self._put(Kind.MASKED, blob, "application/octet-stream")
 
-    # -- round 4 -------------------------------------------------------------
-    def unmask(self, u2: Manifest, u3: Manifest) -> str:
-        """Reveal, per neighbour in U2, exactly one kind of share, chosen by U3."""
+    # -- round 3b ------------------------------------------------------------
+    def sign_inputs(self, u3: Manifest) -> str:
+        """Sign the input set we were shown; one set per cohort, ever (write-once object,
+        and remembered here so a hidden signature cannot be asked for again)."""
         if self.me not in u3.members:
             raise ProtocolError(f"{self.me} is not in U3 of {self.cfg.cohort_id}")
+        inputs = tuple(sorted(u3.members))
+        if self._signed_for is not None and self._signed_for != inputs:
+            raise IntegrityError(
+                f"{self.cfg.cohort_id}: asked to sign a second, different input set; refusing"
+            )
+        self._signed_for = inputs
+        msg = ConsistencyMsg(self.cfg.cohort_id, self.me, inputs)
+        return self._put(Kind.CONSISTENCY, encode_consistency(msg, self._sk))
+
+    def quorum(self, u3: Manifest) -> list[str] | None:
+        """The members of U3 who signed exactly U3 once at least ``t`` have; None until then.
+
+        Only for the set this member signed. Each call reads the signatures not read yet
+        (a missing one may come later) and stops once ``t`` agree; a malformed or forged
+        one, or one over another set (evidence that the server equivocated, or a
+        malicious member), is logged and never counted.
+        """
+        cid = self.cfg.cohort_id
+        inputs = tuple(sorted(u3.members))
+        if self._signed_for != inputs:
+            raise IntegrityError(f"{cid}: asked about an input set this member did not sign")
+        t, n = self.params.t, len(self.members)
+        agreed = len(admission.agreeing(self._valid(), cohort_id=cid, inputs=set(inputs)))
+        for v in inputs:
+            if agreed >= admission.quorum_size(n, t):
+                break  # the remaining reads would change nothing
+            if v in self._signatures:
+                continue
+            key = layout.member_key(cid, Kind.CONSISTENCY, v)
+            try:
+                blob = self.p.store.get(key).body
+            except NotFoundError:
+                continue
+            try:
+                msg = admission.admit_consistency(
+                    blob, identity=self._identity(v), cohort_id=cid, client_id=v, where=key
+                )
+            except IntegrityError as exc:
+                log.warning(
+                    "consistency signature refused",
+                    extra={"cohort_id": cid, "client_id": v, "key": key, "reason": str(exc)},
+                )
+                self._signatures[v] = None
+                continue
+            self._signatures[v] = msg
+            agreed += msg.inputs == inputs
+            if msg.inputs != inputs:
+                log.warning(
+                    "a member signed another input set (the server equivocated, or it lies)",
+                    extra={"cohort_id": cid, "client_id": v, "key": key,
+                           "reason": f"{len(msg.inputs)} members, ours {len(inputs)}"},
+                )  # fmt: skip
+        try:
+            return admission.signed_quorum(
+                self._valid(), cohort_id=cid, inputs=set(inputs), n=n, t=t
+            )
+        except IntegrityError:
+            return None
+
+    def _valid(self) -> dict[str, ConsistencyMsg]:
+        return {c: m for c, m in self._signatures.items() if m is not None}
+
+    # -- round 4 -------------------------------------------------------------
+    def unmask(self, u2: Manifest, u3: Manifest) -> str:
+        """Reveal, per neighbour in U2, exactly one kind of share, chosen by U3, and only for
+        the U3 this member signed once ``t`` members of it signed the identical set."""
+        if self.me not in u3.members:
+            raise ProtocolError(f"{self.me} is not in U3 of {self.cfg.cohort_id}")
+        if self._signed_for != tuple(sorted(u3.members)):
+            # A second request with another U3 (a live member declared dropped, then asked
+            # for) would hand out the other kind of share. The same set again reveals the
+            # same shares: nothing new.
+            raise IntegrityError(
+                f"{self.cfg.cohort_id}: asked to reveal for an input set this member did not sign"
+            )
         if not set(u3.members) <= set(u2.members):
             raise IntegrityError(
                 f"{self.cfg.cohort_id}: U3 is not a subset of U2; refusing to unmask"
@@ -252,6 +340,11 @@ class SecureRound:
             )
         if self.p.result(self.cfg.cohort_id) is not None:
             raise ProtocolError(f"{self.cfg.cohort_id}: cohort already ended; nothing to unmask")
+        if self.quorum(u3) is None:  # the machine waited for it; never reveal without one
+            raise ProtocolError(
+                f"{self.cfg.cohort_id}: too few members signed this input set "
+                f"(t={self.params.t}); refusing to unmask"
+            )
         cid = self.cfg.cohort_id
         self_shares: dict[str, int] = {self.me: self._own_b_share}
         key_shares: dict[str, int] = {}
@@ -287,9 +380,8 @@ class SecureRound:
                 self_shares[v] = b_share
             else:
                 key_shares[v] = s_share
-        return self._put(
-            Kind.UNMASK, encode_unmask(UnmaskMsg(cid, self.me, self_shares, key_shares), self._sk)
-        )
+        msg = UnmaskMsg(cid, self.me, self_shares, key_shares, tuple(sorted(u3.members)))
+        return self._put(Kind.UNMASK, encode_unmask(msg, self._sk))
 
     def erase(self) -> None:
         """Forget every per-cohort secret (Python cannot wipe memory; we drop the references)."""
@@ -297,3 +389,4 @@ class SecureRound:
         self._b = None
         self._own_b_share = 0
         self._peer_keys.clear()
+        self._signatures.clear()

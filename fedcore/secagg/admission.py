@@ -15,9 +15,14 @@ The rules (Bonawitz et al. 2017, section 4, with Bell et al. 2020's neighbour gr
 - round 3 (masked input): checked while streaming the sum, by
   ``fedcore.server.secure.check_masked`` (same signature rule, base version, length,
   digest);
+- round 3b (consistency): each survivor signs the input set U3 it was shown (cohort id
+  and sorted members); a member reveals, and the function unmasks, only once at least
+  ``t`` members of U3 signed exactly that set (``signed_quorum``; Bonawitz et al. 2017,
+  section 4, ConsistencyCheck);
 - round 4 (unmask): a survivor reveals self-mask shares only for neighbours (or
   itself) that are in the sum (U3), and mask-key shares only for neighbours that
-  shared keys (U2) but are not in the sum, never both kinds for one member.
+  shared keys (U2) but are not in the sum, never both kinds for one member; the
+  reveal names the input set it was made for, which must be that U3.
 
 What the function copies into the round's manifest (``Manifest.verified``) is the one
 public value per member that unmasking needs, so a finalize re-reads n messages
@@ -27,14 +32,16 @@ commitment (round 2).
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Mapping, Set
 
 from fedcore.errors import IntegrityError
 from fedcore.secagg import crypto
 from fedcore.secagg.protocol import (
+    ConsistencyMsg,
     KeysMsg,
     SharesMsg,
     UnmaskMsg,
+    parse_consistency,
     parse_keys,
     parse_shares,
     parse_unmask,
@@ -99,7 +106,67 @@ def admit_unmask(
         raise IntegrityError(
             f"{where}: key shares for members that are not dropouts {sorted(set(msg.key_shares) - (u2 - u3))}"
         )
+    if msg.inputs != tuple(sorted(u3)):
+        differ = sorted(set(msg.inputs) ^ set(u3))
+        raise IntegrityError(
+            f"{where}: reveal made for another input set ({len(msg.inputs)} members; "
+            f"{differ[:5]} differ from the U3 unmasked with)"
+        )
     return msg
+
+
+def admit_consistency(
+    blob: bytes, *, identity: bytes, cohort_id: str, client_id: str, where: str
+) -> ConsistencyMsg:
+    """Round 3b: a member's signature over the input set it was shown (itself included)."""
+    return parse_consistency(
+        blob, identity=identity, cohort_id=cohort_id, client_id=client_id, where=where
+    )
+
+
+def agreeing(msgs: Mapping[str, ConsistencyMsg], *, cohort_id: str, inputs: Set[str]) -> list[str]:
+    """The members of ``inputs`` whose verified signature is over exactly ``inputs``.
+
+    ``msgs`` maps the member whose identity key verified the message to it. A signature
+    from a non-member of the set, for another cohort, by another sender or over any other
+    set never counts: the quorum is of the set's own members agreeing on it.
+    """
+    want = tuple(sorted(inputs))
+    return sorted(
+        c
+        for c, m in msgs.items()
+        if c in inputs and m.client_id == c and m.cohort_id == cohort_id and m.inputs == want
+    )
+
+
+def quorum_size(n: int, t: int) -> int:
+    """How many members of U3 must sign the identical U3 before anyone reveals: ``t``.
+
+    Bonawitz et al. 2017, section 4 (ConsistencyCheck): at least ``t`` signatures.
+    ``t`` is the Shamir threshold, which every device has checked is a strict majority
+    of a member's ``k + 1`` share holders (``fedcore.device.machine.params_fault``); ``n``
+    (the cohort's size) is what a stricter rule would need. The device machine, the
+    device's ``SecureRound`` and the function all ask here, so the rule is one line.
+    """
+    return t
+
+
+def signed_quorum(
+    msgs: Mapping[str, ConsistencyMsg], *, cohort_id: str, inputs: Set[str], n: int, t: int
+) -> list[str]:
+    """The members of ``inputs`` who signed exactly ``inputs``; ``IntegrityError`` (with the
+    reason) if they are fewer than ``quorum_size(n, t)``: then no member reveals and the
+    function does not unmask. The device and the function call this one rule."""
+    need = quorum_size(n, t)
+    if need < 1:
+        raise IntegrityError(f"a quorum of {need} (t={t}) is no quorum")
+    signers = agreeing(msgs, cohort_id=cohort_id, inputs=inputs)
+    if len(signers) < need:
+        raise IntegrityError(
+            f"only {len(signers)} members of the input set of {len(inputs)} signed it; "
+            f"need {need} (t={t})"
+        )
+    return signers
 
 
 def public_value(msg: KeysMsg | SharesMsg | UnmaskMsg) -> str | None:

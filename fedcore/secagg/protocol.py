@@ -27,6 +27,7 @@ DOMAIN_KEYS = "fedcore/v1/secagg/keys"
 DOMAIN_SHARES = "fedcore/v1/secagg/shares"
 DOMAIN_MASKED = "fedcore/v1/secagg/masked"
 DOMAIN_UNMASK = "fedcore/v1/secagg/unmask"
+DOMAIN_CONSISTENCY = "fedcore/v1/secagg/consistency"
 MASKED_FORMAT = "fedcore.masked.v1"
 MASKED_TENSOR = "masked"
 MAX_MESSAGE_BYTES = 1 << 20
@@ -352,6 +353,56 @@ def _train_s(value: Any, where: str) -> float | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1e6:
         raise IntegrityError(f"{where}: train_s must be a number of seconds in [0, 1e6]")
     return float(value)
+# -- round 3b: ConsistencyCheck (Bonawitz et al. 2017, section 4, malicious model) ----
+
+
+@dataclass(frozen=True)
+class ConsistencyMsg:
+    """A survivor's signature over the input set it was shown (U3: cohort id, sorted ids).
+
+    Manifests are the server's word: a server that shows some of a victim's share holders
+    a U3 with the victim and others one without it collects both kinds of the victim's
+    shares. A member reveals only after ``t`` members of U3 signed the identical set, and
+    its reveal names that set (``UnmaskMsg.inputs``).
+    """
+
+    cohort_id: str
+    client_id: str
+    inputs: tuple[str, ...]  # U3, sorted
+
+
+def encode_consistency(msg: ConsistencyMsg, signing_key: bytes) -> bytes:
+    doc = {"cohort_id": msg.cohort_id, "client_id": msg.client_id, "inputs": sorted(msg.inputs)}
+    return encode_signed(doc, domain=DOMAIN_CONSISTENCY, signing_key=signing_key)
+
+
+def _member_set(value: Any, where: str, what: str) -> tuple[str, ...]:
+    """A sorted, duplicate-free list of member ids (as signed), else ``IntegrityError``."""
+    if not isinstance(value, list) or len(value) > 100_000:
+        raise IntegrityError(f"{where}: {what} must be a list of member ids")
+    try:
+        ids = [check_id(v, "member") for v in value]
+    except ValueError as exc:
+        raise IntegrityError(f"{where}: {exc}") from None
+    if ids != sorted(set(ids)):
+        raise IntegrityError(f"{where}: {what} must be sorted and without duplicates")
+    return tuple(ids)
+
+
+def parse_consistency(
+    blob: bytes, *, identity: bytes, cohort_id: str, client_id: str, where: str
+) -> ConsistencyMsg:
+    """A member's verified signature over an input set that includes the member itself."""
+    doc = _verified(
+        blob, domain=DOMAIN_CONSISTENCY, identity=identity, cohort_id=cohort_id,
+        client_id=client_id, where=where,
+    )  # fmt: skip
+    if set(doc) != {"cohort_id", "client_id", "inputs", "signature"}:
+        raise IntegrityError(f"{where}: unexpected fields {sorted(doc)}")
+    inputs = _member_set(doc["inputs"], where, "inputs")
+    if client_id not in inputs:
+        raise IntegrityError(f"{where}: {client_id} signs an input set that leaves it out")
+    return ConsistencyMsg(cohort_id, client_id, inputs)
 
 
 # -- round 4: Unmask ------------------------------------------------------------
@@ -363,6 +414,7 @@ class UnmaskMsg:
     client_id: str
     self_shares: dict[str, int]  # survivor v -> this member's share of b_v
     key_shares: dict[str, int]  # dropped v -> this member's share of s_sk_v
+    inputs: tuple[str, ...] = ()  # the input set (U3, sorted) this reveal was made for
 
 
 def encode_unmask(msg: UnmaskMsg, signing_key: bytes) -> bytes:
@@ -375,6 +427,7 @@ def encode_unmask(msg: UnmaskMsg, signing_key: bytes) -> bytes:
             k: crypto.b64(share_to_bytes(v)) for k, v in sorted(msg.self_shares.items())
         },
         "key_shares": {k: crypto.b64(share_to_bytes(v)) for k, v in sorted(msg.key_shares.items())},
+        "inputs": sorted(msg.inputs),
     }
     return encode_signed(doc, domain=DOMAIN_UNMASK, signing_key=signing_key)
 
@@ -409,4 +462,7 @@ def parse_unmask(
     both = set(out["self_shares"]) & set(out["key_shares"])
     if both:
         raise IntegrityError(f"{where}: reveals both kinds of share for {sorted(both)}")
-    return UnmaskMsg(cohort_id, client_id, out["self_shares"], out["key_shares"])
+    if "inputs" not in doc:
+        raise IntegrityError(f"{where}: missing field 'inputs' (the input set it reveals for)")
+    inputs = _member_set(doc["inputs"], where, "inputs")
+    return UnmaskMsg(cohort_id, client_id, out["self_shares"], out["key_shares"], inputs)

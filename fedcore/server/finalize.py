@@ -1,6 +1,7 @@
 """Finalize a closed cohort: its mean (plain, or unmasked and DP-decoded), apply, record.
 
     secagg:    masked uploads --(stream, check, add mod 2^32)--> sum object     (sum_inputs)
+               consistency signatures: at least t of U3 signed exactly U3  (consistency)
                sum + verified s_pk/commitments + unmask reveals --> unmasked sum
                --> weighted mean, or under user-level DP the unweighted mean of
                    clipped, noised deltas (Kairouz et al. 2021, distributed DP)
@@ -49,8 +50,8 @@ from fedcore.metrics import (
     STALENESS,
     MetricSink,
 )
-from fedcore.secagg import crypto
-from fedcore.secagg.protocol import MaskedMeta
+from fedcore.secagg import admission, crypto
+from fedcore.secagg.protocol import ConsistencyMsg, MaskedMeta
 from fedcore.server import deadlines, phases, secure
 from fedcore.server.aggregate import weighted_mean
 from fedcore.server.apply import apply_cohort, find_applied
@@ -310,6 +311,11 @@ class Finalizer:
         background = ThreadPoolExecutor(max_workers=1)
         sum_obj = background.submit(lambda: self.store.get(inputs.sum_key))
         background.shutdown(wait=False)
+        signers = self.consistency(cfg, u3)  # before any reveal is read
+        log.info(
+            "input set agreed",
+            extra={"cohort_id": cid, "phase": Phase.UNMASK.value, "signers": len(signers)},
+        )
         self.cache.prefetch(cid, cfg, Phase.UNMASK, unmask.etags)
         try:
             s_pks = {
@@ -376,6 +382,41 @@ class Finalizer:
             )
             return {}
         return {k: v for k, v in metrics.items() if k in deadlines.TRAIN_METRICS}
+    def consistency(self, cfg: CohortConfig, u3: list[str]) -> list[str]:
+        """The members of U3 who signed exactly U3 (round 3b); ``CohortAborted`` with the
+        reason if they are fewer than ``t``, the quorum every revealing member waited for.
+
+        Every reveal counted names U3 (``admission.admit_unmask``); this is the other half
+        of Bonawitz et al.'s ConsistencyCheck: the function unmasks only a set that the
+        quorum of its members agreed on.
+        """
+        cid = cfg.cohort_id
+
+        def read(client: str) -> tuple[str, ConsistencyMsg | None]:
+            key = layout.member_key(cid, Kind.CONSISTENCY, client)
+            try:
+                blob = self.store.get(key).body
+                return client, admission.admit_consistency(
+                    blob, identity=self.cache.member_identity(cfg, client), cohort_id=cid,
+                    client_id=client, where=key,
+                )  # fmt: skip
+            except (IntegrityError, NotFoundError) as exc:
+                log.warning(
+                    "consistency signature not counted",
+                    extra={"cohort_id": cid, "client_id": client, "phase": Phase.UNMASK.value,
+                           "key": key, "reason": str(exc)},
+                )  # fmt: skip
+                return client, None
+
+        self.cache.prefetch_identities(cfg, sorted(u3))
+        with ThreadPoolExecutor(max_workers=max(1, self.settings.read_concurrency)) as pool:
+            msgs = {c: msg for c, msg in pool.map(read, sorted(u3)) if msg is not None}
+        try:
+            return admission.signed_quorum(
+                msgs, cohort_id=cid, inputs=set(u3), n=len(cfg.members), t=secagg_params(cfg).t
+            )
+        except IntegrityError as exc:
+            raise CohortAborted(f"no consistency quorum over the input set: {exc}") from exc
 
     # -- the result ----------------------------------------------------------------
     def abort(self, cfg: CohortConfig, aborted: CohortAborted) -> Outcome:

@@ -139,6 +139,8 @@ def secure_cohort(h: SyncFunctions, clients: list[str], *, gone: dict[str, str])
         r.upload(u2, delta_for(c, TINY, 0.05), num_samples=50)
     if (u3 := close(Phase.INPUTS)) is None or h.result(cfg) is not None:
         return cfg
+    for _, r in live("unmask"):  # round 3b: the survivors sign U3 before anyone reveals
+        r.sign_inputs(u3)
     for _, r in live("unmask"):
         r.unmask(u2, u3)
     close(Phase.UNMASK)
@@ -345,6 +347,7 @@ def device_cohort(h: SyncFunctions, devices: list[Device]) -> CohortConfig | Non
     u2 = close(Phase.SHARES)
     act(lambda d: d.round.upload(u2[d.client], delta_for(d.client, TINY, 0.05), num_samples=50))
     u3 = close(Phase.INPUTS)
+    act(lambda d: d.round.sign_inputs(u3[d.client]))  # round 3b
     act(lambda d: d.round.unmask(u2[d.client], u3[d.client]))
     close(Phase.UNMASK)
     h.sweep(advance_s=ROUND_S + 1)  # a round that ended short closes; aborts are recorded

@@ -114,7 +114,10 @@ class Schedule:
             m.rnd.advertise()
             m.stage = "shares"
             return True
-        needs = {"shares": Phase.KEYS, "inputs": Phase.SHARES, "unmask": Phase.INPUTS}
+        needs = {
+            "shares": Phase.KEYS, "inputs": Phase.SHARES, "sign": Phase.INPUTS,
+            "quorum": Phase.INPUTS, "unmask": Phase.INPUTS,
+        }  # fmt: skip
         prev = self.manifest(cfg, needs[m.stage]) if self.mode == "secagg" else None
         if self.mode == "secagg":
             if prev is None:
@@ -139,7 +142,19 @@ class Schedule:
                 assert m.rnd is not None
                 m.u2 = prev
                 m.rnd.upload(prev, delta, num_samples=m.samples)  # type: ignore[arg-type]
-                m.stage = "unmask"
+                m.stage = "sign"
+        elif m.stage == "sign":  # round 3b: sign U3, then wait until t members signed it
+            assert m.rnd is not None
+            m.rnd.sign_inputs(prev)  # type: ignore[arg-type]
+            m.stage = "quorum"
+        elif m.stage == "quorum":
+            assert m.rnd is not None
+            if m.rnd.quorum(prev) is None:  # type: ignore[arg-type]
+                if self.h.result(cfg) is not None:
+                    m.stage = "done"
+                    return True
+                return False
+            m.stage = "unmask"
         elif m.stage == "unmask":
             assert m.rnd is not None and m.u2 is not None
             m.rnd.unmask(m.u2, prev)  # type: ignore[arg-type]

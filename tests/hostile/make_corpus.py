@@ -711,6 +711,11 @@ def unmask_messages(c: str, me: str) -> Iterator[Entry]:
         f"names c00000042/{me}, expected",
         encode_unmask(UnmaskMsg("c00000042", me, {"ok1": 5}, {}), mine),
     )
+    yield e(
+        "other-input-set",  # an equivocating server showed this member another U3
+        "reveal made for another input set",
+        encode_unmask(UnmaskMsg(c, me, {"ok1": 5}, {}, ("ok1",)), mine),
+    )
 
 
 def strays(c: str) -> Iterator[Entry]:

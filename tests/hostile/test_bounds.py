@@ -189,6 +189,8 @@ def run_secagg(
         Coordinator(store, ServerSettings.from_env()).close_phase(cid, Phase.INPUTS, "deadline")
         lam.pump()
     if (u3 := manifest(Phase.INPUTS)) is not None and devs["m0"].result(cid) is None:
+        for c in u3.members:  # round 3b: every survivor signs U3 before anyone reveals
+            rounds[c].sign_inputs(u3)
         for c in u3.members:
             rounds[c].unmask(u2, u3)
         lam.pump()

@@ -214,7 +214,7 @@ def run_plaintext(store, lam, env, spec, entries, parts):  # type: ignore[no-unt
 
 
 def run_secagg(store, lam, env, spec, entries, parts):  # type: ignore[no-untyped-def]
-    """The four rounds, step by step: honest members play, hostile slots get corpus files."""
+    """The rounds, step by step: honest members play, hostile slots get corpus files."""
     hostile = {e["client_id"]: e for e in entries if e["role"] == "replace"}
     members = [*spec["honest"], *hostile]
     riders = [e for e in entries if e["role"] != "replace"]
@@ -241,6 +241,8 @@ def run_secagg(store, lam, env, spec, entries, parts):  # type: ignore[no-untype
         u2.members,
         lambda c: rounds[c].upload(u2, delta_for(c, TINY, 0.05), num_samples=10),
     )
+    for c in u3.members:  # round 3b: every survivor signs U3 (no manifest of its own)
+        rounds[c].sign_inputs(u3)
     u4 = step(Phase.UNMASK, u3.members, lambda c: rounds[c].unmask(u2, u3))
     for c, e in hostile.items():
         assert c not in {"keys": u1, "shares": u2, "inputs": u3, "unmask": u4}[e["phase"]].members
@@ -373,5 +375,7 @@ def _neighbour_share(store: S3Store, devices: dict[str, Participant], e: dict[st
     u2 = Manifest(cid, "shares", mc.DEVICES, {}, "all-members", 0.0)
     rounds["d1"].upload(u2, delta_for("d1", TINY), num_samples=10)
     u3 = Manifest(cid, "inputs", ["d1", "d3"], {}, "all-members", 0.0)
+    for d in u3.members:  # round 3b: the survivors sign U3 before anyone reveals
+        rounds[d].sign_inputs(u3)
     key = rounds["d1"].unmask(u2, u3)  # d2 dropped: d1 owes its key share, but cannot read it
     assert store.head(key) is not None

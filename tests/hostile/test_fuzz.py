@@ -49,19 +49,23 @@ from fedcore.messages import (
 )
 from fedcore.secagg import crypto
 from fedcore.secagg.protocol import (
+    DOMAIN_CONSISTENCY,
     DOMAIN_KEYS,
     DOMAIN_SHARES,
     DOMAIN_UNMASK,
+    ConsistencyMsg,
     KeysMsg,
     MaskedMeta,
     SecAggParams,
     SharesMsg,
     UnmaskMsg,
+    encode_consistency,
     encode_keys,
     encode_shares,
     encode_signed,
     encode_unmask,
     masked_metadata,
+    parse_consistency,
     parse_identity,
     parse_keys,
     parse_masked_metadata,
@@ -283,7 +287,8 @@ def test_parameter_blocks(doc: Any) -> None:
 
 KEYS = json.loads(encode_keys(KeysMsg(CID, "x1", bytes(32), bytes(range(32))), SK))
 SHARES = json.loads(encode_shares(SharesMsg(CID, "x1", "0" * 64, {"ok1": mc.ciphertext(1)}), SK))
-UNMASK = json.loads(encode_unmask(UnmaskMsg(CID, "x1", {"ok1": 5}, {"ok2": 7}), SK))
+UNMASK = json.loads(encode_unmask(UnmaskMsg(CID, "x1", {"ok1": 5}, {"ok2": 7}, ("ok1", "x1")), SK))
+CONSISTENCY = json.loads(encode_consistency(ConsistencyMsg(CID, "x1", ("ok1", "x1")), SK))
 IDS = {"identity": PK, "cohort_id": CID, "client_id": "x1", "where": "s"}
 
 
@@ -292,6 +297,7 @@ def _signed_parsers(blob: bytes) -> None:
     refused_or(lambda: parse_shares(blob, **IDS))
     refused_or(lambda: parse_shares(blob, **{**IDS, "identity": None}, receiver="ok1"))
     refused_or(lambda: parse_unmask(blob, **IDS))
+    refused_or(lambda: parse_consistency(blob, **IDS))
     refused_or(lambda: parse_identity(blob, client_id="x1", where="i"))
 
 
@@ -306,7 +312,10 @@ def test_signed_parsers_on_arbitrary_input(blob: bytes) -> None:
 def test_signed_parsers_on_mutated_messages_signed_by_the_sender(data: st.DataObject) -> None:
     """GIVEN a key, share or reveal message with fields mutated and then validly signed by
     its sender THEN the checks behind the signature refuse it or return a valid message."""
-    for domain, doc in ((DOMAIN_KEYS, KEYS), (DOMAIN_SHARES, SHARES), (DOMAIN_UNMASK, UNMASK)):
+    for domain, doc in (
+        (DOMAIN_KEYS, KEYS), (DOMAIN_SHARES, SHARES), (DOMAIN_UNMASK, UNMASK),
+        (DOMAIN_CONSISTENCY, CONSISTENCY),
+    ):  # fmt: skip
         body = {k: v for k, v in data.draw(mutated(doc)).items() if k != "signature"}
         blob = refused_or(lambda b=body, d=domain: encode_signed(b, domain=d, signing_key=SK), (ValueError, TypeError))  # fmt: skip
         if blob is None:  # not JSON-serialisable as signed (e.g. NaN is fine, but not this)
@@ -323,6 +332,9 @@ def test_signed_parsers_on_mutated_messages_signed_by_the_sender(data: st.DataOb
         reveal = refused_or(lambda b=blob: parse_unmask(b, **IDS))
         if reveal is not None:
             assert not set(reveal.self_shares) & set(reveal.key_shares)
+        signed = refused_or(lambda b=blob: parse_consistency(b, **IDS))
+        if signed is not None:  # a signature over a sorted set of ids that includes its signer
+            assert "x1" in signed.inputs and list(signed.inputs) == sorted(set(signed.inputs))
 
 
 @FUZZ

@@ -72,13 +72,16 @@ def test_gateway_function_has_a_url_and_its_own_role(resources: dict[str, Any]) 
 def test_gateway_role_grants_exactly_what_devices_and_enrollment_need(
     resources: dict[str, Any],
 ) -> None:
-    member = {f"cohorts/c????????/{k}/*" for k in ("keys", "shares", "masked", "plain", "unmask")}
+    member = {
+        f"cohorts/c????????/{k}/*"
+        for k in ("keys", "shares", "masked", "plain", "consistency", "unmask")
+    }
     assert grants(resources) == {
         "s3:ListBucket": {"<bucket>"},
         "s3:GetObject": {"global/*", "clients/*/identity.json", "checkins/*",
                          "cohorts/c????????/config.json", "cohorts/c????????/state/*.json",
                          "cohorts/c????????/keys/*", "cohorts/c????????/shares/*",
-                         "enrollment/*"},
+                         "cohorts/c????????/consistency/*", "enrollment/*"},
         "s3:PutObject": {"checkins/*", "clients/*/identity.json", "enrollment/used/*",
                          "gateway/nonces/*"} | member,
     }  # fmt: skip
@@ -96,7 +99,7 @@ def _sample_keys(me: str, peer: str, cid: str) -> list[str]:
         layout.sum_key(cid, "0123456789abcdef"),
     ]
     keys += [layout.state_key(cid, p) for p in Phase]
-    for kind in (Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.UNMASK):
+    for kind in (Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.CONSISTENCY, Kind.UNMASK):
         keys += [layout.member_key(cid, kind, me), layout.member_key(cid, kind, peer)]
     return keys
 

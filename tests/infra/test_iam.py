@@ -70,7 +70,7 @@ def write_once_keys() -> list[str]:
         nonce_key(ME, "n" * 20),
     ]
     keys += [layout.state_key(CID, p) for p in Phase]
-    for kind in (Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.UNMASK):
+    for kind in (Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.CONSISTENCY, Kind.UNMASK):
         keys += [layout.member_key(CID, kind, c) for c in (ME, PEER, *TRICKY_IDS)]
     return keys
 
@@ -98,7 +98,14 @@ CREATES = {
         nonce_key(ME, "n" * 20),
         *(
             layout.member_key(CID, kind, ME)
-            for kind in (Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.UNMASK)
+            for kind in (
+                Kind.KEYS,
+                Kind.SHARES,
+                Kind.MASKED,
+                Kind.PLAIN,
+                Kind.CONSISTENCY,
+                Kind.UNMASK,
+            )
         ),
     ],
 }
@@ -325,7 +332,11 @@ def test_gateway_reads_what_devices_and_enrollment_need(resources: dict[str, Any
         layout.checkin_key(ME, "n1"),
         layout.config_key(CID),
         *(layout.state_key(CID, p) for p in Phase),
-        *(layout.member_key(CID, k, c) for k in (Kind.KEYS, Kind.SHARES) for c in (ME, PEER)),
+        *(
+            layout.member_key(CID, k, c)
+            for k in (Kind.KEYS, Kind.SHARES, Kind.CONSISTENCY)
+            for c in (ME, PEER)
+        ),
         token_key(DIGEST),
         used_key(DIGEST),
     ]:

@@ -76,7 +76,7 @@ def close_rounds_left_open(
     store: S3Store,
     cfg: CohortConfig,
     threads: dict[str, threading.Thread],
-    timeout_s: float = 60.0,
+    timeout_s: float = 600.0,  # a hang guard only: a loaded 2-core machine needs minutes
 ) -> None:
     """Advance the stack's clock past each round's deadline that only its deadline can close.
 

@@ -14,7 +14,9 @@ from fedcore.layout import Kind, Phase
 
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}", fullmatch=True)
 cohorts = st.integers(0, 99_999_999).map(layout.cohort_id)
-member_kinds = st.sampled_from([Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.UNMASK])
+member_kinds = st.sampled_from(
+    [Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.CONSISTENCY, Kind.UNMASK]
+)
 modes = st.sampled_from(["secagg", "plaintext"])
 ops = st.sampled_from(access.OPS)
 
@@ -75,6 +77,7 @@ def test_whatever_is_writable_is_the_clients_own_layout_key(  # type: ignore[no-
         Kind.SHARES,
         Kind.MASKED,
         Kind.PLAIN,
+        Kind.CONSISTENCY,
         Kind.UNMASK,
     )
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import secrets
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedcore.errors import FedError, IntegrityError
 from fedcore.secagg import admission, crypto
 from fedcore.secagg.protocol import (
     SHARE_PLAINTEXT_BYTES,
+    ConsistencyMsg,
     KeysMsg,
     SharesMsg,
     UnmaskMsg,
+    encode_consistency,
     encode_keys,
     encode_shares,
     encode_unmask,
@@ -72,7 +76,7 @@ def test_unmask_reveals_only_what_the_rules_allow(
 ) -> None:
     """GIVEN U2 = {a, b, c, e}, U3 = {a, b} and a's neighbours {b, c} WHEN a reveals
     THEN self-mask shares only of survivors and key shares only of dropped neighbours."""
-    blob = encode_unmask(UnmaskMsg(COHORT, "a", self_shares, key_shares), SIGNER)
+    blob = encode_unmask(UnmaskMsg(COHORT, "a", self_shares, key_shares, ("a", "b")), SIGNER)
     rules = {"neighbours": {"b", "c"}, "u2": {"a", "b", "c", "e"}, "u3": {"a", "b"}}
     if ok:
         msg = admission.admit_unmask(blob, **WHO, **rules)  # type: ignore[arg-type]
@@ -80,6 +84,92 @@ def test_unmask_reveals_only_what_the_rules_allow(
     else:
         with pytest.raises(IntegrityError):
             admission.admit_unmask(blob, **WHO, **rules)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("inputs", [(), ("a",), ("a", "b", "c")])
+def test_a_reveal_made_for_another_input_set_is_refused(inputs: tuple[str, ...]) -> None:
+    """GIVEN a reveal that names an input set other than the U3 the function unmasks with
+    (an equivocating server showed its sender another U3) THEN it is refused."""
+    blob = encode_unmask(UnmaskMsg(COHORT, "a", {"a": 1}, {}, inputs), SIGNER)
+    rules = {"neighbours": {"b", "c"}, "u2": {"a", "b", "c"}, "u3": {"a", "b"}}
+    with pytest.raises(IntegrityError, match="another input set"):
+        admission.admit_unmask(blob, **WHO, **rules)  # type: ignore[arg-type]
+
+
+def _signed(who: str, inputs: tuple[str, ...], cohort: str = COHORT) -> ConsistencyMsg:
+    blob = encode_consistency(ConsistencyMsg(cohort, who, inputs), SIGNER)
+    return admission.admit_consistency(
+        blob, identity=IDENTITY, cohort_id=cohort, client_id=who, where="k"
+    )
+
+
+def test_consistency_quorum_counts_only_signatures_over_the_identical_set() -> None:
+    """GIVEN members' signed input sets THEN only U3's members signing exactly U3 count,
+    and fewer than t of them is refused with the reason."""
+    u3 = ("a", "b", "c")
+    msgs = {"a": _signed("a", u3), "b": _signed("b", u3), "c": _signed("c", ("a", "c"))}
+    assert admission.signed_quorum(msgs, cohort_id=COHORT, inputs=set(u3), n=3, t=2) == ["a", "b"]
+    with pytest.raises(
+        IntegrityError, match=r"only 2 members of the input set of 3 signed it; need 3 \(t=3\)"
+    ):
+        admission.signed_quorum(msgs, cohort_id=COHORT, inputs=set(u3), n=3, t=3)
+    with pytest.raises(IntegrityError, match="leaves it out"):
+        _signed("d", u3)
+
+
+def test_a_consistency_signature_by_another_key_or_for_another_cohort_is_refused() -> None:
+    """GIVEN a signature under a key that is not the member's, or naming another cohort
+    (replayed) THEN it is refused before it can count."""
+    blob = encode_consistency(ConsistencyMsg(COHORT, "a", ("a", "b")), crypto.ed25519_keypair()[0])
+    with pytest.raises(IntegrityError, match="bad signature"):
+        admission.admit_consistency(
+            blob, identity=IDENTITY, cohort_id=COHORT, client_id="a", where="k"
+        )
+    blob = encode_consistency(ConsistencyMsg("c00000099", "a", ("a", "b")), SIGNER)
+    with pytest.raises(IntegrityError, match="replayed or misplaced"):
+        admission.admit_consistency(
+            blob, identity=IDENTITY, cohort_id=COHORT, client_id="a", where="k"
+        )
+
+
+_ids = st.sampled_from(["a", "b", "c", "d", "e", "f"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    u3=st.sets(_ids, min_size=1),
+    signed=st.dictionaries(
+        _ids,
+        st.tuples(st.sets(_ids), st.sampled_from([COHORT, "c00000099"]), _ids),
+        max_size=6,
+    ),
+    t=st.integers(1, 6),
+)
+def test_quorum_holds_iff_t_members_of_the_set_signed_exactly_it(
+    u3: set[str], signed: dict[str, tuple[set[str], str, str]], t: int
+) -> None:
+    """GIVEN any signatures (over any set, any cohort, by any named sender, keyed by the
+    member whose key verified them) THEN the quorum holds iff at least t members of U3
+    verified a message naming themselves, this cohort and exactly U3; the signers
+    returned are exactly those, and two different sets never both reach a quorum of
+    the same signatures when t is a strict majority of their union."""
+    msgs = {c: ConsistencyMsg(cid, who, tuple(sorted(s))) for c, (s, cid, who) in signed.items()}
+    expect = sorted(
+        c
+        for c, (s, cid, who) in signed.items()
+        if c in u3 and s == u3 and cid == COHORT and who == c
+    )
+    if len(expect) >= t:
+        assert admission.signed_quorum(msgs, cohort_id=COHORT, inputs=u3, n=6, t=t) == expect
+    else:
+        with pytest.raises(IntegrityError):
+            admission.signed_quorum(msgs, cohort_id=COHORT, inputs=u3, n=6, t=t)
+    other = set(u3) ^ {"a"}
+    if other and 2 * t > len(u3 | other):
+        agreed = [
+            s for s in (u3, other) if len(admission.agreeing(msgs, cohort_id=COHORT, inputs=s)) >= t
+        ]
+        assert len(agreed) <= 1  # one message per member: majorities of the union overlap
 
 
 def test_outcomes_read_as_the_words_logged_before() -> None:

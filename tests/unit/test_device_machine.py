@@ -78,6 +78,7 @@ def at(stage: Stage, cfg: CohortConfig | None = None, **over: Any) -> DeviceStat
     script: list[m.Observation] = [
         m.Written(), m.ManifestRead(manifest(Phase.KEYS)), m.Written(), m.Trained(10),
         m.ManifestRead(manifest(Phase.SHARES)), m.Uploaded(), m.ManifestRead(manifest(Phase.INPUTS)),
+        m.Written(), m.QuorumSeen(MEMBERS),
     ]  # fmt: skip
     state = joined(cfg, **over)
     for obs in script:
@@ -109,7 +110,9 @@ def test_secure_cohort_walks_every_stage_in_order() -> None:
         (m.Trained(42), Stage.SHARES, m.AwaitPhase),
         (m.ManifestRead(u2), Stage.UPLOAD, m.UploadMasked),
         (m.Uploaded(clipped=2), Stage.INPUTS, m.AwaitPhase),
-        (m.ManifestRead(u3), Stage.UNMASK, m.Unmask),
+        (m.ManifestRead(u3), Stage.SIGN, m.SignInputs),
+        (m.Written(), Stage.QUORUM, m.AwaitQuorum),
+        (m.QuorumSeen(MEMBERS), Stage.UNMASK, m.Unmask),
         (m.Written(), Stage.IDLE, m.AwaitVersion),
     ]
     lines: list[str] = []
@@ -121,6 +124,8 @@ def test_secure_cohort_walks_every_stage_in_order() -> None:
         if isinstance(obs, m.Uploaded):
             assert actions[-1] == m.AwaitPhase(cfg, Phase.INPUTS, 70.0, DropPoint.INPUTS)
         if isinstance(obs, m.ManifestRead) and obs.manifest is u3:
+            assert actions[-1] == m.SignInputs(u3)
+        if isinstance(obs, m.QuorumSeen):
             assert actions[-1] == m.Unmask(u2, u3)
     assert lines == [
         "checked in at version 3; waiting for a cohort",
@@ -363,8 +368,8 @@ def test_not_admitted_past_a_phase_leaves(stage: Stage, phase: Phase) -> None:
 
 
 IN_COHORT = [Stage.ADVERTISE, Stage.KEYS, Stage.SHARE, Stage.TRAIN, Stage.SHARES,
-             Stage.UPLOAD, Stage.INPUTS, Stage.UNMASK]  # fmt: skip
-WRITES = [Stage.ADVERTISE, Stage.SHARE, Stage.UPLOAD, Stage.UNMASK]
+             Stage.UPLOAD, Stage.INPUTS, Stage.SIGN, Stage.QUORUM, Stage.UNMASK]  # fmt: skip
+WRITES = [Stage.ADVERTISE, Stage.SHARE, Stage.UPLOAD, Stage.SIGN, Stage.UNMASK]
 
 
 @pytest.mark.parametrize("stage", IN_COHORT)
@@ -483,6 +488,7 @@ def _answers(state: DeviceState) -> st.SearchStrategy[m.Observation]:
         m.WriteConflict: st.just(m.WriteConflict("exists")),
         m.Faulted: st.builds(m.Faulted, kinds, st.just("bad")),
         m.CohortAborted: st.just(m.CohortAborted("too few")),
+        m.QuorumSeen: st.builds(m.QuorumSeen, members),
     }
     options = [make[t] if t in make else st.just(t()) for t in m.expects(state.stage)]
     options = [options[0]] * 3 + options  # the table lists the hoped-for answer first
@@ -505,11 +511,14 @@ def test_no_answer_sequence_breaks_the_safety_rules(
     THEN: each step ends in exactly the request for its new state (none once DONE); a
     device shares only after a checked U1 that counts it, uploads only after training and
     a checked U2 that counts it, reveals only after its upload and a checked U3 that
-    counts it (U2 and U3 of its own cohort); every cohort joined is left exactly once."""
+    counts it (U2 and U3 of its own cohort) and after at least t of U3's members signed
+    the U3 it signed itself; every cohort joined is left exactly once."""
     state, actions = m.start(settings_(mode=mode, max_rounds=max_rounds, until_version=until))
     cohort: CohortConfig | None = None
     trained = uploaded = False
     seen: dict[Phase, Manifest] = {}
+    signed: Manifest | None = None  # the U3 this device asked to sign
+    quorum: tuple[str, ...] = ()  # who signed it, as the last QuorumSeen said
 
     def checked(x: Manifest, phase: Phase) -> None:
         assert cohort is not None and seen.get(phase) is x
@@ -525,6 +534,7 @@ def test_no_answer_sequence_breaks_the_safety_rules(
         if isinstance(obs, m.CohortFound):
             assert cohort is None
             cohort, trained, uploaded, seen = obs.cfg, False, False, {}
+            signed, quorum = None, ()
         if isinstance(obs, m.ManifestRead):
             seen[Phase(obs.manifest.phase)] = obs.manifest
         state, actions = m.step(state, obs)
@@ -535,16 +545,27 @@ def test_no_answer_sequence_breaks_the_safety_rules(
                 case m.UploadMasked():
                     assert trained
                     checked(a.u2, Phase.SHARES)
+                case m.SignInputs():
+                    assert uploaded and signed is None  # one signature per cohort
+                    checked(a.u3, Phase.INPUTS)
+                    signed = a.u3
                 case m.Unmask():
                     assert uploaded
                     checked(a.u2, Phase.SHARES)
                     checked(a.u3, Phase.INPUTS)
+                    assert cohort is not None and cohort.secagg is not None
+                    assert a.u3 is signed  # reveals only for the set it signed ...
+                    assert (
+                        len(set(quorum) & set(a.u3.members)) >= cohort.secagg.t
+                    )  # ... once t agreed
                 case m.Leave():
                     assert cohort is not None and a.cohort_id == cohort.cohort_id
                     cohort = None
                 case m.Advertise() | m.Train() | m.UploadPlain():
                     assert cohort is not None and cohort.members.get(ME)
                     assert cohort.mode is Mode.SECAGG or not isinstance(a, m.Advertise)
+        if isinstance(obs, m.QuorumSeen):
+            quorum = obs.signers
         trained = trained or isinstance(obs, m.Trained)
         uploaded = uploaded or isinstance(obs, m.Uploaded)
         assert not max_rounds or state.rounds <= max_rounds
@@ -733,3 +754,54 @@ def test_the_graph_is_derived_by_the_device_not_read_from_the_config() -> None:
         doc["params"]["secagg"]["neighbours"] = {ME: ["b"]}
         parse_config(json.dumps(doc).encode(), where="cfg")
     assert m.params_fault(parse_config(encode_config(cfg), where="cfg"), settings_()) is None
+
+
+# --------------------------------------------------------------------------- round 3b
+def test_the_device_signs_the_u3_it_read_and_waits_for_a_quorum_over_it() -> None:
+    """GIVEN a device that read a valid U3 THEN it asks to sign exactly that U3, then to
+    wait (as long as a phase wait) for t signatures over it, and reveals for it."""
+    state, actions = m.step(at(Stage.INPUTS), m.ManifestRead(u3 := manifest(Phase.INPUTS)))
+    assert actions == [m.SignInputs(u3)]
+    state, actions = m.step(state, m.Written())
+    assert actions == [m.AwaitQuorum(config(), u3, 70.0)]
+    state, actions = m.step(state, m.QuorumSeen(("me", "b", "c")))
+    assert state.stage is Stage.UNMASK and actions == [m.Unmask(manifest(Phase.SHARES), u3)]
+
+
+@pytest.mark.parametrize(
+    "signers",
+    [(), ("me", "b"), ("me", "b", "ghost", "x"), ("me", "me", "b")],
+    ids=["none", "below-t", "strangers", "duplicates"],
+)
+def test_a_quorum_below_t_of_u3_members_reveals_nothing(signers: tuple[str, ...]) -> None:
+    """GIVEN a driver that reports fewer than t (= 3) distinct members of U3 as signers (a
+    bug, or a forged quorum) THEN the machine's own gate abandons instead of revealing."""
+    _, actions = m.step(at(Stage.QUORUM), m.QuorumSeen(signers))
+    assert not any(isinstance(a, m.Unmask) for a in actions)
+    [leave] = left(actions)
+    assert leave.outcome is Outcome.ABANDONED and "(need 3, t=3)" in leave.reason
+
+
+@pytest.mark.parametrize("why", [m.CohortEnded(), m.TimedOut(), m.Stopped()])
+def test_no_quorum_over_u3_in_time_reveals_nothing(why: m.Observation) -> None:
+    """GIVEN a device that signed its U3 WHEN the cohort ends, time runs out or it is
+    stopped before t members signed the identical set THEN it leaves without revealing."""
+    state, actions = m.step(at(Stage.QUORUM), why)
+    assert state.stage is Stage.IDLE
+    assert not any(isinstance(a, m.Unmask) for a in actions)
+    [leave] = left(actions)
+    assert leave.outcome is Outcome.ABANDONED and "revealing nothing" in leave.reason
+
+
+@given(
+    members=st.lists(st.sampled_from([ME, "b", "c", "d", "e", "ghost"]), max_size=8),
+    t=st.integers(1, 5),
+)
+def test_quorum_fault_counts_distinct_members_of_u3_only(members: list[str], t: int) -> None:
+    """GIVEN any reported signers and threshold THEN the gate passes iff at least t distinct
+    members of U3 are among them (strangers and repeats never count)."""
+    cfg = config()
+    cfg = replace(cfg, secagg=replace(cfg.secagg, t=t))  # type: ignore[type-var]
+    u3 = manifest(Phase.INPUTS, (ME, "b", "c", "d"))
+    ok = m.quorum_fault(cfg, u3, tuple(members)) is None
+    assert ok == (len(set(members) & {ME, "b", "c", "d"}) >= t)
