@@ -353,6 +353,8 @@ def _train_s(value: Any, where: str) -> float | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1e6:
         raise IntegrityError(f"{where}: train_s must be a number of seconds in [0, 1e6]")
     return float(value)
+
+
 # -- round 3b: ConsistencyCheck (Bonawitz et al. 2017, section 4, malicious model) ----
 
 

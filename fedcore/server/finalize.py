@@ -382,6 +382,7 @@ class Finalizer:
             )
             return {}
         return {k: v for k, v in metrics.items() if k in deadlines.TRAIN_METRICS}
+
     def consistency(self, cfg: CohortConfig, u3: list[str]) -> list[str]:
         """The members of U3 who signed exactly U3 (round 3b); ``CohortAborted`` with the
         reason if they are fewer than ``t``, the quorum every revealing member waited for.
