@@ -12,7 +12,7 @@ code actually does (``participant.py``, ``device/secure.py``, ``status.py``,
   secagg, ``plain`` for plaintext). Never identities (the gateway writes
   those at enrollment), configs, manifests, sums, models or the pointer.
 - read (``get``/``head``): model versions and the pointer, identities
-  (public keys), the config, phase manifests and result of a cohort the
+  (public keys) and their operator certificates, the config, phase manifests and result of a cohort the
   reader belongs to, the key and share messages of members of such a cohort
   (its own included; share ciphertexts are AES-GCM-encrypted per receiver),
   and its own check-ins. A config whose cohort the gateway does not know
@@ -152,7 +152,7 @@ def _membership(
 
 def _decide_read(client_id: str, parsed: layout.ParsedKey, cohort: CohortLookup) -> Decision:
     kind = parsed.kind
-    if kind in (Kind.LATEST, Kind.MODEL, Kind.IDENTITY):
+    if kind in (Kind.LATEST, Kind.MODEL, Kind.IDENTITY, Kind.CERTIFICATE):
         return _OK
     if kind is Kind.CONFIG and parsed.cohort_id is not None and cohort(parsed.cohort_id) is None:
         return _OK  # not (yet) a cohort: S3 answers 404, and nothing is revealed
