@@ -47,8 +47,8 @@ from fedcore.secagg.masking import mask_input
 from fedcore.secagg.protocol import (
     MASKED_TENSOR,
     SHARE_BYTES,
-    ConsistencyMsg,
     CertificateError,
+    ConsistencyMsg,
     KeysMsg,
     MaskedMeta,
     SharesMsg,
