@@ -131,6 +131,8 @@ def run(
         env.setattr(Quantizer, "quantize", real)
     lam.pump()
     u3 = manifest(Phase.INPUTS)
+    for c in MEMBERS:  # round 3b: every survivor signs U3 before anyone reveals
+        rounds[c].sign_inputs(u3)
     for c in MEMBERS:
         rounds[c].unmask(u2, u3)
     lam.pump()
