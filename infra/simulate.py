@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -30,6 +31,7 @@ from infra.demo import cohort_outcomes
 from infra.s3server import moto_process
 from infra.stack import LocalStack
 from infra.watch import VersionWatch
+from sim.population import Population, describe
 from sim.simulation import (
     InFlight,
     Simulation,
@@ -130,7 +132,8 @@ def run(
         return evaluate_model(build(params), mnist.test_x, mnist.test_y)
 
     report: dict[str, Any] = {
-        "settings": settings.__dict__ | {"workers": settings.num_workers},
+        "settings": dataclasses.asdict(settings) | {"workers": settings.num_workers},
+        "population": describe(settings.population, settings.devices),
         "server": server | {"mode": settings.mode},
         "stop_rule": rule.__dict__,
         "bucket": bucket,
@@ -212,6 +215,12 @@ def run(
     report["member_messages_read_from_worker_copy"] = sum(
         ws["shared_hits"] for ws in tally.worker_stats.values()
     )
+    report["population"] |= {
+        "training_held_s": round(sum(ws["held_s"] for ws in tally.worker_stats.values()), 2),
+        "trainings_deferred_offline": sum(
+            ws["offline_skips"] for ws in tally.worker_stats.values()
+        ),
+    }
     report["participation_records"] = tally.records
     return report
 
@@ -248,6 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sim.add_argument(
         "--dp-user-clip", type=float, default=d.DP_USER_CLIP, help="L2 clip of each delta"
     )
+    add_population_args(sim)
     sim.add_argument("--drop-prob", type=float, default=0.0)
     sim.add_argument("--drop-at", choices=["keys", "shares", "inputs"], default=d.DROP_AT)
     sim.add_argument("--target-accuracy", type=float, default=0.0, help="stop at this accuracy")
@@ -259,6 +269,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sim.add_argument("--bucket", default=None, help="default: a fresh fl-sim-<time> bucket")
     sim.add_argument("--report", type=Path, default=Path("runs/simulate/report.json"))
     return sim.parse_args(argv)
+
+
+def add_population_args(ap: argparse.ArgumentParser, defaults: Population | None = None) -> None:
+    """The ``sim.population`` flags (an uneven population: slow devices, devices that
+    come and go); ``defaults`` (default: a uniform population) fills what is not given."""
+    p = defaults or Population()
+    g = ap.add_argument_group("population", "per-device speed and availability (seeded draws)")
+    g.add_argument(
+        "--speed-sigma", type=float, default=p.speed_sigma,
+        help="log-normal sigma of each device's training slowdown, median 1 (0: uniform)",
+    )  # fmt: skip
+    g.add_argument(
+        "--slow-fraction", type=float, default=p.slow_fraction,
+        help="share of devices in the slow tail (0: none)",
+    )  # fmt: skip
+    g.add_argument(
+        "--slow-factor", type=float, default=p.slow_factor,
+        help="further slowdown of the slow tail",
+    )  # fmt: skip
+    g.add_argument(
+        "--online-mean-s", type=float, default=p.online_mean_s,
+        help="mean seconds a device stays online before it leaves (0: always online)",
+    )  # fmt: skip
+    g.add_argument(
+        "--offline-mean-s", type=float, default=p.offline_mean_s,
+        help="mean seconds a device that left stays away",
+    )  # fmt: skip
+    g.add_argument("--population-seed", type=int, default=p.seed, help="seed of the draws")
+
+
+def population_from(args: argparse.Namespace) -> Population:
+    """The ``Population`` that ``add_population_args``' flags describe."""
+    return Population(
+        speed_sigma=args.speed_sigma, slow_fraction=args.slow_fraction,
+        slow_factor=args.slow_factor, online_mean_s=args.online_mean_s,
+        offline_mean_s=args.offline_mean_s, seed=args.population_seed,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +328,7 @@ def simulate(args: argparse.Namespace) -> int:
         momentum=args.momentum, mode="plaintext" if args.plaintext else "secagg",
         drop_prob=args.drop_prob, drop_at=args.drop_at, max_active=args.max_active,
         operator_dir=str(args.report.parent / "operator"),  # this run's operator key
+        population=population_from(args),
     )  # fmt: skip
     server = {
         "cohort_size": args.cohort_size,

@@ -26,6 +26,14 @@ every cohort keep moving while training (the bulk of the CPU time) waits.
 Dropout experiments go through the machine's drop hook (``RandomDrop``, drawn
 from the worker's seeded generator).
 
+An uneven population (``sim.population``) is the scheduler's business too: a
+device with slowdown factor f gets 1/f of the machine's training budget and its
+result is held until f times the training's measured time has passed (the
+worker trains others meanwhile), and reports that stretched time as its
+training seconds; a device offline by its availability schedule is skipped
+(no check-in, no step, no training) until it is back. A uniform population
+(the default) holds nothing and skips nothing.
+
 This module is the worker process; ``sim.simulation`` is the parent that
 spawns the workers and collects their reports.
 """
@@ -57,6 +65,7 @@ from fedcore.device import (
     Runner,
     Settings,
     Stage,
+    Update,
     machine,
     step,
 )
@@ -110,6 +119,7 @@ from fedcore.participant import Participant
 from fedcore.secagg import crypto
 from fedcore.storage import ObjectStore, S3Store, StoredObject
 from fedcore.versions import load_model
+from sim.population import ALWAYS_ONLINE, Availability, Population
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +161,8 @@ class SimSettings:
     # ``Simulation.start`` before the workers; each worker certifies its devices' identity
     # keys with it, as the operator would at enrollment, and the devices get its public key.
     operator_dir: str = ""
+    # Per-device slowdown factors and online/offline periods (default: uniform, always online).
+    population: Population = field(default_factory=Population)
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.workers < 0:
@@ -231,9 +243,12 @@ class _ModelCache:
 class _BucketView:
     """What a worker reads once for all its devices: pointer, configs, manifests, results."""
 
-    def __init__(self, store: ObjectStore, mine: set[str]) -> None:
+    def __init__(
+        self, store: ObjectStore, mine: set[str], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.store = store
         self.mine = mine
+        self.clock = clock
         self.pointer: Pointer | None = None
         self._etag: str | None = None
         prefixes = store.list_prefixes(layout.COHORTS_PREFIX)
@@ -283,7 +298,7 @@ class _BucketView:
         """Read ``phase``'s manifest of ``cid`` (or its result, once ended) if not known yet."""
         if (cid, phase) in self.manifests or cid in self.results:
             return
-        now = time.monotonic()
+        now = self.clock()
         due, delay = self._next.get((cid, phase), (now, poll_s))
         if now < due:
             return
@@ -307,7 +322,7 @@ class _BucketView:
         that completed a cohort watches it: an aborted one means no version is coming)."""
         if cid in self.results:
             return self.results[cid]
-        now = time.monotonic()
+        now = self.clock()
         due, delay = self._next.get((cid, Phase.RESULT), (now, 1.0))
         if now < due:
             return None
@@ -354,6 +369,8 @@ class SimDevice:
     waiting: tuple[Request, float] | None = None
     checked_at: float = 0.0  # when the check-in was last confirmed to stand
     joined_at: float = 0.0
+    speed: float = 1.0  # slowdown factor of its training (>= 1; set by the worker)
+    schedule: Availability = ALWAYS_ONLINE  # when it is reachable (set by the worker)
 
     @property
     def stage(self) -> Stage:
@@ -370,6 +387,8 @@ class WorkerStats:
     step_n: dict[str, int] = field(default_factory=dict)
     reads: int = 0
     shared_hits: int = 0  # member messages served from the worker's copy
+    held_s: float = 0.0  # seconds slow devices' training results were held, summed
+    offline_skips: int = 0  # queued trainings passed over because the device was offline
 
     def add(self, kind: str, seconds: float) -> None:
         self.step_s[kind] = self.step_s.get(kind, 0.0) + seconds
@@ -395,6 +414,12 @@ class Worker:
     request through its non-blocking runner, except the waits, which it answers
     from its ``_BucketView`` (one read of the pointer, a config, a manifest for
     all its devices), and training, which it queues (oldest cohort first).
+
+    ``settings.population`` gives each device its slowdown factor and availability
+    schedule (counted from the worker's start on ``clock``): a slow device's trained
+    update is held until its stretched training time has passed, an offline device
+    is not stepped or trained. ``clock`` (seconds, monotonic) times every wait and
+    hold, so a test can drive the worker with a ``ManualClock``.
     """
 
     def __init__(
@@ -406,12 +431,15 @@ class Worker:
         models: _ModelCache,
         report: Callable[[dict[str, Any]], None] = lambda event: None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.s = settings
         self.devices = devices
         self.models = models
-        self.view = _BucketView(store, {d.client_id for d in devices})
+        self.clock = clock
+        self.started = clock()  # time 0 of the devices' availability schedules
+        self.view = _BucketView(store, {d.client_id for d in devices}, clock)
         self.report = report
         self.rng = rng or random.Random(settings.seed)
         self.stats = WorkerStats()
@@ -422,14 +450,21 @@ class Worker:
         workers = settings.num_workers
         self._cap = -(-settings.max_active // workers) if settings.max_active else len(devices)
         self._active = 0
+        # Trained updates of slow devices, by device index: (when the device is done, what
+        # it observed). Drawn apart from ``self.rng``: a uniform population leaves the
+        # dropout and back-off draws exactly as they were.
+        self._held: dict[int, tuple[float, Observation]] = {}
         terms = Settings(
             "", Mode(settings.mode), until_version=settings.until_version,
             max_rounds=settings.max_rounds, cohort_timeout_s=math.inf, slack_s=settings.slack_s,
         )  # fmt: skip
         drop_at = DropPoint(settings.drop_at)
+        pop = settings.population
         for d in devices:
+            d.speed, d.schedule = pop.speed(d.index), pop.availability(d.index)
             d.runner = Runner(
-                d.participant, d.local, blocking=False,
+                d.participant, d.local if d.speed == 1.0 else _Slowed(d.local, d.speed),
+                blocking=False, clock=clock,
                 drop=RandomDrop(drop_at, settings.drop_prob, self.rng.random),
                 on_leave=lambda leave, d=d: self._left(d, leave),
             )  # fmt: skip
@@ -442,18 +477,11 @@ class Worker:
         next_poll = 0.0
         try:
             while not should_stop():
-                now = time.monotonic()
+                now = self.clock()
                 if now >= next_poll:
                     self._refresh()
                     next_poll = now + self.s.poll_s
-                progressed = 0
-                for d in list(self.devices):  # _left reorders the list
-                    if should_stop():
-                        break
-                    progressed += self._step(d)
-                if self._train_queue and not should_stop():
-                    self._train_next()
-                    progressed += 1
+                progressed = self.tick(should_stop)
                 if all(d.stage is Stage.DONE for d in self.devices):
                     break
                 if not progressed:
@@ -464,6 +492,22 @@ class Worker:
                     d.runner.close()  # erase any open cohort's secrets
         self.stats.reads = self.view.reads
         return self.stats
+
+    def tick(self, should_stop: Callable[[], bool] = lambda: False) -> int:
+        """One pass: the held updates now due, every device's ready steps, one training;
+        how many of those made progress (0: nothing to do until the clock moves)."""
+        progressed = self._release_held()
+        for d in list(self.devices):  # _left reorders the list
+            if should_stop():
+                break
+            progressed += self._step(d)
+        if self._train_queue and not should_stop():
+            progressed += self._train_next()
+        return progressed
+
+    def online(self, d: SimDevice) -> bool:
+        """Whether ``d`` is reachable now, by its availability schedule."""
+        return d.schedule.always or d.schedule.online(self.clock() - self.started)
 
     def _refresh(self) -> None:
         try:
@@ -481,7 +525,9 @@ class Worker:
 
     def _step(self, d: SimDevice) -> int:
         """Perform ``d``'s requests until one has no answer yet (or is training, which
-        queues); 1 if anything happened."""
+        queues); 1 if anything happened. An offline device does nothing."""
+        if not self.online(d):
+            return 0
         progressed = 0
         while (req := d.request) is not None and not isinstance(req, Train):
             t0 = time.perf_counter()
@@ -506,7 +552,7 @@ class Worker:
         """The observation for ``req``; None while it has none yet."""
         match req:
             case AwaitVersion():
-                now = time.monotonic()
+                now = self.clock()
                 if d.waiting is None or d.waiting[0] != req:  # back off before a retry
                     d.waiting = (req, now + req.delay_s * self.rng.uniform(0.5, 1.5))
                 pointer = self.view.pointer
@@ -527,7 +573,7 @@ class Worker:
             case AwaitQuorum():
                 # The runner reads the signatures still missing on each look: once per
                 # poll_s per device, not on every pass of the loop (404s add up at scale).
-                now = time.monotonic()
+                now = self.clock()
                 if d.waiting is not None and d.waiting[0] == req and now < d.waiting[1]:
                     return None
                 d.waiting = (req, now + self.s.poll_s)
@@ -538,7 +584,7 @@ class Worker:
         """The cohort that took ``d``'s check-in, from the worker's one listing of configs."""
         cfg = self.view.taken.pop((d.client_id, req.ticket.nonce), None)
         if cfg is None:
-            now = time.monotonic()
+            now = self.clock()
             if now - d.checked_at < self.s.checkin_check_s:
                 return self._timed_out(d, req)
             d.checked_at = now
@@ -565,7 +611,7 @@ class Worker:
 
     def _timed_out(self, d: SimDevice, req: AwaitCohort | AwaitPhase) -> TimedOut | None:
         """``TimedOut`` once ``d`` has waited ``req.timeout_s`` since its first look."""
-        now = time.monotonic()
+        now = self.clock()
         if d.waiting is None or d.waiting[0] != req:
             d.waiting = (req, now)
         return TimedOut() if now - d.waiting[1] >= req.timeout_s else None
@@ -574,7 +620,7 @@ class Worker:
         """Step ``d``'s machine by ``obs`` and perform what it says."""
         assert d.state is not None
         if isinstance(obs, CheckedIn):
-            d.checked_at = time.monotonic()
+            d.checked_at = self.clock()
         online = d.stage not in _OFFLINE
         d.state, actions = step(d.state, obs)
         self._active += (d.stage not in _OFFLINE) - online
@@ -597,18 +643,32 @@ class Worker:
             if point is not None and d.runner.drop.vanishes(req.cfg.cohort_id, point):
                 self._feed(d, Vanished(point))  # no training for a device that is gone
             else:
-                heapq.heappush(self._train_queue, (req.cfg.created_at, time.monotonic(), d.index))
+                heapq.heappush(self._train_queue, (req.cfg.created_at, self.clock(), d.index))
 
-    def _train_next(self) -> None:
-        """Train the queued device of the oldest cohort, then go on with its protocol."""
-        *_, idx = heapq.heappop(self._train_queue)
-        d = self._by_index[idx]
+    def _train_next(self) -> int:
+        """Train the queued device of the oldest cohort that is online, then go on with its
+        protocol (a slow device's update is held first); 0 if every queued device is offline.
+        """
+        skipped: list[tuple[float, float, int]] = []
+        try:
+            while self._train_queue:
+                entry = heapq.heappop(self._train_queue)
+                d = self._by_index[entry[2]]
+                if not isinstance(d.request, Train):
+                    return 1  # left the cohort while queued
+                if self.online(d):
+                    break
+                skipped.append(entry)
+                self.stats.offline_skips += 1
+            else:
+                return 0
+        finally:
+            for entry in skipped:
+                heapq.heappush(self._train_queue, entry)
         req = d.request
-        if not isinstance(req, Train):
-            return  # left the cohort while queued
         assert d.runner is not None and d.state is not None
         d.reseed(self.s.seed * 1_000_003 + d.index * 1009 + d.state.rounds)
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), self.clock()
         try:
             obs = d.runner.perform(req)
         except StorageError as exc:  # transient (the base model's read): train again later
@@ -617,13 +677,39 @@ class Worker:
                 extra={"client_id": d.client_id, "cohort_id": req.cfg.cohort_id,
                        "phase": d.stage.value, "reason": str(exc)},
             )  # fmt: skip
-            heapq.heappush(self._train_queue, (req.cfg.created_at, time.monotonic(), d.index))
-            return
+            heapq.heappush(self._train_queue, (req.cfg.created_at, self.clock(), d.index))
+            return 1
         finally:
             self.stats.add("train", time.perf_counter() - t0)
         assert obs is not None
+        if d.speed > 1.0:
+            # The device took ``speed`` times what the machine did; it reports that time.
+            took = self.clock() - started
+            if d.runner.train_s is not None:
+                d.runner.train_s *= d.speed
+            done = started + took * d.speed
+            if done > self.clock():
+                self._held[d.index] = (done, obs)
+                self.stats.held_s += done - self.clock()
+                return 1
         self._feed(d, obs)
         self._step(d)  # a plaintext update uploads at once
+        return 1
+
+    def _release_held(self) -> int:
+        """Go on with the slow devices whose training time is over (and that are online)."""
+        if not self._held:
+            return 0
+        now, released = self.clock(), 0
+        for idx, (done, obs) in sorted(self._held.items(), key=lambda kv: kv[1][0]):
+            d = self._by_index[idx]
+            if done > now or not self.online(d):
+                continue
+            del self._held[idx]
+            self._feed(d, obs)
+            self._step(d)
+            released += 1
+        return released
 
     def _left(self, d: SimDevice, leave: Leave) -> None:
         """``d``'s participation is over (its runner forgot the secrets): report it, drop
@@ -653,6 +739,23 @@ class Worker:
                 d.participant.store.forget(cid)
         self.devices.remove(d)
         self.devices.append(d)
+
+
+class _Slowed:
+    """A device ``speed`` times slower than the machine that plays it: its local training
+    gets ``1/speed`` of the time box (so the stretched training still fits the deadline)."""
+
+    def __init__(self, local: LocalDevice, speed: float) -> None:
+        self._local = local
+        self.speed = speed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._local, name)
+
+    def train_update(self, cfg: CohortConfig, *, budget_s: float | None = None) -> Update:
+        return self._local.train_update(
+            cfg, budget_s=None if budget_s is None else budget_s / self.speed
+        )
 
 
 def build_devices(
