@@ -237,10 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report["reached_target"] else 1
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _to_target(report: dict[str, Any], target: float) -> dict[str, Any]:
     """One run's summary: when (seconds since the devices were ready, and version) the test
     accuracy first reached ``target``, and what the population did on the way."""
@@ -351,3 +347,7 @@ def compare_populations(args: argparse.Namespace) -> int:
         f"wrote the heterogeneous section of {out}"
     )
     return 0 if uni["reached_target"] and het["reached_target"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
