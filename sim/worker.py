@@ -451,14 +451,15 @@ class Worker:
         self._cap = -(-settings.max_active // workers) if settings.max_active else len(devices)
         self._active = 0
         # Trained updates of slow devices, by device index: (when the device is done, what
-        # it observed). Drawn apart from ``self.rng``: a uniform population leaves the
-        # dropout and back-off draws exactly as they were.
+        # it observed).
         self._held: dict[int, tuple[float, Observation]] = {}
         terms = Settings(
             "", Mode(settings.mode), until_version=settings.until_version,
             max_rounds=settings.max_rounds, cohort_timeout_s=math.inf, slack_s=settings.slack_s,
         )  # fmt: skip
         drop_at = DropPoint(settings.drop_at)
+        # The population's draws have generators of their own: ``self.rng`` (dropouts,
+        # back-off jitter) draws exactly what it drew before populations existed.
         pop = settings.population
         for d in devices:
             d.speed, d.schedule = pop.speed(d.index), pop.availability(d.index)
