@@ -29,7 +29,7 @@ device over its releases, in ``benchmarks/results/scale_user_dp.json``
 (``benchmarks/dp.py --plot-only`` adds the curve to ``dp.png``).
 
 ``--heterogeneous`` compares populations instead, at a size that stays within
-about 12 minutes on 2 busy cores (100 devices of 600 examples, one epoch,
+about 12 minutes on 2 busy cores (100 devices of 600 examples, three epochs,
 cohorts of 4, 4 online; ``COMPARE_DEFAULTS``): a uniform one (every device at the machine's speed,
 always online) and then a heterogeneous one (``sim.population``: log-normal
 slowdowns, a slow tail, devices that leave and come back; the ``--speed-sigma``
@@ -84,25 +84,25 @@ HETEROGENEOUS = Population(
     speed_sigma=0.5, slow_fraction=0.1, slow_factor=5.0, online_mean_s=600.0, offline_mean_s=120.0
 )
 # ``--heterogeneous`` sizes (flags given on the command line still win), bounded to about
-# 12 minutes for both runs on 2 shared cores: 100 devices of 600 examples, one epoch of
-# B=10 per participation, cohorts of 4 (at least 3 counted, so one member that left does
-# not abort it), 4 online (one cohort at a time: no staleness, so versions to the target
-# compare the populations and not the overlap). Small cohorts and one epoch reach the
-# target with the least computing: the accuracy a version gains depends more on the local
-# steps than on the cohort's size, and five epochs (two cohorts of 4 in flight) needed
-# 364 s for 2 versions at load 15-20, where each device's 300 steps took over 100 s.
+# 12 minutes for both runs on 2 shared cores: 100 devices of 600 examples, three epochs
+# of B=10 per participation, cohorts of 4 (at least 3 counted, so one member that left
+# does not abort it), 4 online. Small cohorts reach the target with the least computing:
+# the accuracy a version gains depends more on the local steps than on the cohort's size.
+# Tried on this machine under other jobs' load: five epochs with 8 online needed 364 s
+# for 2 versions at load 15-20 (each device's 300 steps took over 100 s); one epoch
+# reached only 0.82 in 2 versions of about 65 s each, most of it the rounds' overhead.
 # The limits leave room for a busy machine; a member that left costs its cohort up to a
-# phase's limit. --max-minutes is per run and includes the workers' start-up (75-95 s at
-# load 20); the uniform run stops when it reaches the target.
+# phase's limit. --max-minutes is per run and includes the workers' start-up (45-95 s);
+# the uniform run stops when it reaches the target.
 COMPARE_DEFAULTS = {
     "devices": 100,
-    "epochs": 1,
+    "epochs": 3,
     "cohort_size": 4,
     "min_cohort_size": 3,
     "max_active": 4,
     "round_deadline_s": 180.0,
     "short_round_s": 90.0,
-    "max_minutes": 6.5,
+    "max_minutes": 6.0,
     "max_versions": 30,
 }
 
