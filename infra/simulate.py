@@ -71,6 +71,7 @@ def watch_versions(
             "test_accuracy": acc,
             "test_loss": loss,
             "elapsed_s": watch.elapsed_s(),
+            "created_at": meta.created_at,  # when the function wrote it (wall clock)
             "cohort": meta.cohorts[0] if meta.cohorts else None,
             "staleness": meta.staleness,
             "members": len(meta.members),
@@ -160,6 +161,7 @@ def run(
                     if not sim.alive():
                         raise RuntimeError("simulation workers exited during start-up")
                 report["setup_s"] = round(time.monotonic() - t0, 2)
+                report["ready_at"] = time.time()  # wall clock, as versions' created_at
                 out(f"workers ready after {report['setup_s']:.1f}s (devices enrolled)")
                 for entry in watch_versions(
                     stack.store, sim, flight, evaluate=score if evaluate else None,
