@@ -453,6 +453,11 @@ class Worker:
         # Trained updates of slow devices, by device index: (when the device is done, what
         # it observed).
         self._held: dict[int, tuple[float, Observation]] = {}
+        # Devices whose participation ended in this pass: they check in again at the next
+        # pass at the earliest, so the slot they free under ``max_active`` goes to a device
+        # idle longer (else one that sees the new version in the step that ended its cohort
+        # takes its slot straight back, and a small population rotates through a few).
+        self._left_now: set[int] = set()
         terms = Settings(
             "", Mode(settings.mode), until_version=settings.until_version,
             max_rounds=settings.max_rounds, cohort_timeout_s=math.inf, slack_s=settings.slack_s,
@@ -497,6 +502,7 @@ class Worker:
     def tick(self, should_stop: Callable[[], bool] = lambda: False) -> int:
         """One pass: the held updates now due, every device's ready steps, one training;
         how many of those made progress (0: nothing to do until the clock moves)."""
+        self._left_now.clear()
         progressed = self._release_held()
         for d in list(self.devices):  # _left reorders the list
             if should_stop():
@@ -531,6 +537,8 @@ class Worker:
             return 0
         progressed = 0
         while (req := d.request) is not None and not isinstance(req, Train):
+            if d.index in self._left_now:
+                break  # its next check-in waits for the next pass
             t0 = time.perf_counter()
             try:
                 obs = self._answer(d, req)
@@ -740,6 +748,7 @@ class Worker:
                 d.participant.store.forget(cid)
         self.devices.remove(d)
         self.devices.append(d)
+        self._left_now.add(d.index)
 
 
 class _Slowed:

@@ -269,3 +269,31 @@ def test_uniform_population_holds_nothing_and_draws_nothing_from_the_worker_rng(
     assert [e["outcome"] for e in events] == ["completed", "completed"]
     assert not worker._held and worker.stats.held_s == 0.0
     assert all(d.runner.train_s == TRAIN_S for d in devices)  # type: ignore[union-attr]
+
+
+def test_a_freed_slot_goes_to_the_device_idle_longest() -> None:
+    """
+    GIVEN six devices in one worker, at most two online, a new version after each cohort
+    WHEN three cohorts of two complete one after the other
+    THEN each cohort has devices that had not taken part yet: a device whose cohort just
+         ended does not take its freed slot straight back (it used to, when the new
+         version was visible in the step that ended its cohort, so a small population
+         rotated through its first few devices)
+    """
+    clock = ManualClock(1000.0)
+    worker, devices, _, _, events = make_worker(Population(), clock, n=6)
+    worker._cap = 2  # max_active=2 in one worker
+    cohorts = []
+    for version in range(1, 4):
+        for _ in range(3):
+            clock.advance(1.0)
+            worker.tick()
+        members = [d for d in devices if d.stage is machine.Stage.CHECKED_IN]
+        cohorts.append(sorted(d.client_id for d in members))
+        form_cohort(worker, members)
+        worker.view.pointer = Pointer(version, f"global/v{version}", "", time.time())
+        for _ in range(4):
+            clock.advance(1.0)
+            worker.tick()
+    assert cohorts == [["t-0000", "t-0001"], ["t-0002", "t-0003"], ["t-0004", "t-0005"]]
+    assert [e["outcome"] for e in events] == ["completed"] * 6
