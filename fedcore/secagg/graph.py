@@ -46,15 +46,26 @@ def _too_few_alive(k: int, p_alive: float) -> float:
     return sum(math.comb(k, i) * p_alive**i * (1 - p_alive) ** (k - i) for i in range(t))
 
 
-def default_threshold(k: int) -> int:
-    """t = floor((k+1)/2) + 1: a strict majority of a member's k+1 share holders.
+# Share holders of a member (its neighbours) that may collude with a malicious server.
+# One is the least that makes the model "server plus a member" (Bell et al. 2020) rather
+# than "server alone"; each one costs half a dropout of tolerance (``default_threshold``).
+COLLUDERS = 1
 
-    Each member holds a share of its own secrets besides its k neighbours (as
-    in Bonawitz et al.'s all-pairs protocol), so a cohort of 5 survives two
-    dropouts. A majority is what makes "never both kinds of share" binding:
-    honest holders reveal one kind each, so no server can collect t of each.
+
+def default_threshold(k: int, colluders: int = COLLUDERS) -> int:
+    """t = floor((k + 1 + c) / 2) + 1, at most k + 1: more than half of a member's k + 1
+    share holders even after ``c`` of them side with the server.
+
+    Each member holds a share of its own secrets besides its k neighbours (as in
+    Bonawitz et al.'s all-pairs protocol). Honest holders reveal one kind of share per
+    member, so a server showing some holders a U3 with the victim and others one
+    without it collects t of each kind only if ``2 (t - c) <= k + 1 - c``: colluders
+    give both kinds. A strict majority (c = 0) stops the server alone, and
+    ``tests/adversary/test_consistency.py`` reconstructed a victim at n = 12, k = 8,
+    t = 5 with one colluding neighbour; t > (k + 1 + c) / 2 stops it. The price is
+    dropout tolerance: a cohort of 5 (k = 4) survives one dropout, not two.
     """
-    return (k + 1) // 2 + 1
+    return min(k + 1, (k + 1 + colluders) // 2 + 1)
 
 
 def neighbours(members: list[str], *, k: int, seed: bytes) -> dict[str, set[str]]:
