@@ -6,6 +6,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
+# pytest-xdist workers: the tests wait on S3 servers (moto, SeaweedFS) as much as they
+# compute, so two workers overlap one's waits with the other's work on 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint venv sam-tools bench-accuracy clean
 
@@ -29,7 +32,7 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 test: venv sam-tools lint
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 bench-accuracy: venv
 	$(PY) -m benchmarks.accuracy $(ARGS)

@@ -4,12 +4,17 @@ Subcommands:
   run       poll the bucket, join cohorts, train on this device's shard, upload
   evaluate  test accuracy of a global version (default: the newest)
   status    versions and open cohorts of the bucket
+  identity  print this device's identity key (created if absent), for the operator
+            to certify (``python -m infra.enroll issue --public-key``)
 
 Connection settings come from flags or the environment: ``S3_ENDPOINT_URL``
 (omit for AWS), ``BUCKET``, ``CLIENT_ID``; AWS credentials as boto3 finds them.
 With ``--gateway URL`` (env ``FL_GATEWAY_URL``) a device holds no AWS
 credentials at all: it enrolls its key once with an operator-issued
 ``--enroll-token`` and then reaches the bucket only through presigned URLs.
+The operator's public key (``--operator-key``, env ``FL_OPERATOR_KEY``, given
+with the token) certifies every member's identity; a secure device checks each
+peer's certificate against it and refuses a cohort with an uncertified peer.
 """
 
 from __future__ import annotations
@@ -116,6 +121,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="operator-issued enrollment token, needed on the first run with --gateway",
     )
     run.add_argument(
+        "--operator-key",
+        default=env.get("FL_OPERATOR_KEY") or None,
+        help="the operator's Ed25519 public key (base64, given with the enrollment token; env "
+        "FL_OPERATOR_KEY): peers' identity certificates are checked against it. Required "
+        "with --gateway in secure mode; without it a direct-S3 device trusts the identities "
+        "the function pins (debugging only)",
+    )
+    run.add_argument(
         "--state-dir",
         type=Path,
         default=None,
@@ -204,12 +217,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the nonlinearity the devices trained with (tanh for sample-level DP runs)",
     )
 
+    ident = sub.add_parser("identity", help="print this device's identity key (base64)")
+    ident.add_argument("--client-id", default=env.get("CLIENT_ID"), help="env CLIENT_ID")
+    ident.add_argument("--state-dir", type=Path, default=None, help="see run --state-dir")
+
     st = sub.add_parser("status", help="versions and open cohorts")
     _common(st)
     st.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds")
     st.add_argument("--versions", type=int, default=10)
     st.add_argument("--cohorts", type=int, default=10)
     args = ap.parse_args(argv)
+    if args.command == "identity":
+        if not args.client_id:
+            ap.error("no client id: pass --client-id or set CLIENT_ID")
+        return args
     if not args.bucket and not getattr(args, "gateway", None):
         ap.error("no bucket: pass --bucket or set BUCKET (or --gateway for run)")
     if args.command == "run":
@@ -217,6 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error("no client id: pass --client-id or set CLIENT_ID")
         if not 0 <= args.shard < args.num_shards:
             ap.error(f"--shard must be in [0, {args.num_shards})")
+        if args.gateway and not args.plaintext and not args.operator_key:
+            ap.error("secure mode through the gateway needs --operator-key (env FL_OPERATOR_KEY)")
     return args
 
 
@@ -259,9 +282,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.plaintext:
         participant = Participant(store, args.client_id, mode="plaintext")
     else:
+        from fedcore.operator import parse_public
+
+        operator = parse_public(args.operator_key) if args.operator_key else None
+        if operator is None:
+            say(args.client_id, "no --operator-key: trusting the identities the function pins")
         participant = Participant(
-            store, args.client_id, mode="secagg", signing_key=load_or_create_signing_key(state_dir)
-        )
+            store, args.client_id, mode="secagg", signing_key=load_or_create_signing_key(state_dir),
+            operator_key=operator,
+        )  # fmt: skip
         if not args.gateway and participant.enroll():  # the gateway enrolled it already
             say(args.client_id, f"enrolled identity (key in {state_dir})")
     stop = threading.Event()
@@ -399,11 +428,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
+def cmd_identity(args: argparse.Namespace) -> int:
+    from edge_client.identity import default_state_dir, load_or_create_signing_key
+    from fedcore.secagg import crypto
+
+    key = load_or_create_signing_key(args.state_dir or default_state_dir(args.client_id))
+    print(crypto.b64(crypto.ed25519_public(key)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return {
             "run": cmd_run, "evaluate": cmd_evaluate, "status": cmd_status,
+            "identity": cmd_identity,
         }[args.command](args)  # fmt: skip
     except KeyboardInterrupt:
         print("interrupted; nothing partial was written", file=sys.stderr)

@@ -12,12 +12,12 @@ code actually does (``participant.py``, ``device/secure.py``, ``status.py``,
   for secagg, ``plain`` for plaintext; consistency signatures in secagg only). Never identities (the gateway writes
   those at enrollment), configs, manifests, sums, models or the pointer.
 - read (``get``/``head``): model versions and the pointer, identities
-  (public keys), the config, phase manifests and result of a cohort the
-  reader belongs to, the key, share and consistency messages of members of
-  such a cohort (its own included; share ciphertexts are AES-GCM-encrypted
-  per receiver; a consistency message is a signature over a public member
-  list), and its own check-ins. A config whose cohort the gateway does not
-  know yet may be asked for too: S3 answers 404 (discovery polls for configs
+  (public keys) and their operator certificates, the config, phase manifests
+  and result of a cohort the reader belongs to, the key, share and consistency
+  messages of members of such a cohort (its own included; share ciphertexts
+  are AES-GCM-encrypted per receiver; a consistency message is a signature
+  over a public member list), and its own check-ins. A config whose cohort the
+  gateway does not know yet may be asked for too: S3 answers 404 (discovery polls for configs
   being written), so a device learns the members of no cohort but its own. Never a masked/plain input or a reveal, not even its own (no
   device code reads one back, so the gateway's IAM role can go without
   read access to them: template.yaml, tests/infra/test_iam.py), the masked
@@ -157,7 +157,7 @@ def _membership(
 
 def _decide_read(client_id: str, parsed: layout.ParsedKey, cohort: CohortLookup) -> Decision:
     kind = parsed.kind
-    if kind in (Kind.LATEST, Kind.MODEL, Kind.IDENTITY):
+    if kind in (Kind.LATEST, Kind.MODEL, Kind.IDENTITY, Kind.CERTIFICATE):
         return _OK
     if kind is Kind.CONFIG and parsed.cohort_id is not None and cohort(parsed.cohort_id) is None:
         return _OK  # not (yet) a cohort: S3 answers 404, and nothing is revealed

@@ -99,11 +99,14 @@ def checkin_slot_key(client_id: str, window: int, slot: int) -> str:
     return f"{checkin_slots_prefix(client_id, window)}{slot:04d}.json"
 
 
-def issue_token(store: ObjectStore, client_id: str, *, ttl_s: float = 86400.0) -> str:
+def issue_token(
+    store: ObjectStore, client_id: str, *, ttl_s: float = 86400.0, public_key: bytes | None = None
+) -> str:
     """Create a single-use enrollment token for ``client_id``; returns the token.
 
     Only its SHA-256 is stored (write-once), so a leak of the bucket's
-    enrollment records does not leak usable tokens.
+    enrollment records does not leak usable tokens. With ``public_key`` (the key
+    the operator certified for the device) the token enrolls that key only.
     """
     layout.check_id(client_id, "client id")
     if not access.valid_client_id(client_id):
@@ -112,7 +115,9 @@ def issue_token(store: ObjectStore, client_id: str, *, ttl_s: float = 86400.0) -
         raise ValueError(f"token lifetime must be in (0, {MAX_TOKEN_TTL_S}] seconds")
     token = secrets.token_urlsafe(32)
     now = time.time()
-    doc = {"client_id": client_id, "created_at": now, "expires_at": now + ttl_s}
+    doc: dict[str, Any] = {"client_id": client_id, "created_at": now, "expires_at": now + ttl_s}
+    if public_key is not None:
+        doc["public_key"] = crypto.b64(public_key)
     store.put_new(
         token_key(access.token_hash(token)),
         json.dumps(doc, sort_keys=True).encode(),
@@ -253,6 +258,8 @@ class Gateway:
             raise Denied("token was issued for another client id", client_id=client_id)
         if float(rec.get("expires_at", 0)) <= self.clock():
             raise Denied("enrollment token expired", client_id=client_id)
+        if rec.get("public_key") not in (None, crypto.b64(public)):
+            raise Denied("token was issued for another key", client_id=client_id)
         claim = {"client_id": client_id, "public_key": crypto.b64(public), "used_at": self.clock()}
         try:
             # Consuming the token is a write-once put: of two concurrent uses, one wins.

@@ -42,6 +42,7 @@ class Kind(StrEnum):
     MODEL = "model"
     OPTIMIZER = "optimizer"  # server optimizer state a version names (functions only)
     IDENTITY = "identity"
+    CERTIFICATE = "certificate"  # the operator's signature over a client's identity key
     CHECKIN = "checkin"
     CONFIG = "config"
     KEYS = "keys"
@@ -118,6 +119,11 @@ def identity_key(client_id: str) -> str:
     return f"{CLIENTS_PREFIX}{check_id(client_id, 'client id')}/identity.json"
 
 
+def certificate_key(client_id: str) -> str:
+    """Where the operator's certificate of ``client_id``'s identity key lives (operator-written)."""
+    return f"{CLIENTS_PREFIX}{check_id(client_id, 'client id')}/certificate.json"
+
+
 def checkin_prefix(client_id: str) -> str:
     return f"{CHECKINS_PREFIX}{check_id(client_id, 'client id')}/"
 
@@ -176,6 +182,7 @@ _PATTERNS: list[tuple[re.Pattern[str], Kind]] = [
         Kind.OPTIMIZER,
     ),
     (re.compile(rf"^clients/(?P<client>{_ID})/identity\.json$"), Kind.IDENTITY),
+    (re.compile(rf"^clients/(?P<client>{_ID})/certificate\.json$"), Kind.CERTIFICATE),
     (re.compile(rf"^checkins/(?P<client>{_ID})/(?P<nonce>{_ID})\.json$"), Kind.CHECKIN),
     (re.compile(r"^cohorts/(?P<cohort>c\d{8})/config\.json$"), Kind.CONFIG),
     (

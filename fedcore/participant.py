@@ -64,7 +64,8 @@ class Participant:
     ``signing_key`` is the device's long-term Ed25519 private key (raw 32
     bytes); secure aggregation needs it to sign everything the device
     publishes. ``mode`` must match the server's: a device never falls back
-    from secure aggregation to plaintext.
+    from secure aggregation to plaintext. ``operator_key`` is the operator's
+    Ed25519 public key that certifies every member's identity.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class Participant:
         *,
         mode: str = "secagg",
         signing_key: bytes | None = None,
+        operator_key: bytes | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -83,6 +85,13 @@ class Participant:
         self.client_id = layout.check_id(client_id, "client id")
         self.mode = mode
         self.signing_key = signing_key
+        # The operator's Ed25519 public key: with it, a secure round uses a peer's keys only
+        # after checking the operator's certificate of the peer's identity
+        # (``SecureRound.check_certificates``). None trusts the identities the function
+        # pins in configs, as before certificates (tests and benchmarks that build
+        # devices directly); the device program and the simulator always pass one.
+        self.operator_key = operator_key
+        self.certified: dict[str, bytes] = {}  # client id -> certified identity key (checked)
         self._pointer_etag: str | None = None
         self._pointer: Pointer | None = None
 

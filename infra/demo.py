@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from edge_client import defaults as d
+from edge_client.identity import load_or_create_signing_key
 from fedcore import layout
 from fedcore.dp.ledger import STATE_FILE, ReleaseTally
 from fedcore.errors import FedError, NotFoundError
 from fedcore.gateway import issue_token
 from fedcore.layout import Phase
 from fedcore.messages import parse_result
+from fedcore.operator import certify, load_or_create_operator_key, public_text
+from fedcore.secagg import crypto
 from fedcore.server.settings import ServerSettings
 from fedcore.status import cohort_ids, describe
 from fedcore.storage import S3Store
@@ -170,9 +173,22 @@ def spawn_devices(
     )
     logs = out / "devices"
     logs.mkdir(parents=True, exist_ok=True)
+    operator_sk = None
+    if not args.plaintext:
+        # This run's operator key, kept in the run folder (never in the bucket): it certifies
+        # each device's identity key, and devices get only its public key.
+        operator_sk = load_or_create_operator_key(out / "operator")
+        env["FL_OPERATOR_KEY"] = public_text(operator_sk)
     procs = []
     for i in range(args.clients):
         cid = f"dev-{i:03d}"
+        public = None
+        if operator_sk is not None:
+            # The operator certifies the key the device will use (created here, in the
+            # device's own state folder, as the device would on first run).
+            device_sk = load_or_create_signing_key(out / "state" / cid)
+            public = crypto.ed25519_public(device_sk)
+            certify(stack.store, operator_sk, cid, public)
         cmd = [
             sys.executable, "-m", "edge_client", "run",
             "--client-id", cid, "--num-shards", str(args.clients), "--shard", str(i),
@@ -202,7 +218,9 @@ def spawn_devices(
             dev_env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
             for name in ("S3_ENDPOINT_URL", "BUCKET"):
                 dev_env.pop(name, None)
-            dev_env["FL_ENROLL_TOKEN"] = issue_token(stack.store, cid, ttl_s=3600)
+            dev_env["FL_ENROLL_TOKEN"] = issue_token(
+                stack.store, cid, ttl_s=3600, public_key=public
+            )
             cmd += ["--gateway", stack.gateway_url]
         log = open(logs / f"{cid}.log", "wb")  # noqa: SIM115 - closed with the process
         procs.append(subprocess.Popen(cmd, env=dev_env, stdout=log, stderr=subprocess.STDOUT))

@@ -280,6 +280,7 @@ def simulate(args: argparse.Namespace) -> int:
         max_samples=args.max_samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, mode="plaintext" if args.plaintext else "secagg",
         drop_prob=args.drop_prob, drop_at=args.drop_at, max_active=args.max_active,
+        operator_dir=str(args.report.parent / "operator"),  # this run's operator key
     )  # fmt: skip
     server = {
         "cohort_size": args.cohort_size,

@@ -12,8 +12,10 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import queue
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ from fedcore import layout
 from fedcore.dp.ledger import ReleaseTally
 from fedcore.errors import FedError
 from fedcore.layout import Phase
+from fedcore.operator import load_or_create_operator_key
 from fedcore.status import cohort_ids
 from fedcore.storage import ObjectStore
 from sim.worker import SimSettings, _worker_main
@@ -71,6 +74,12 @@ class Simulation:
         )
         if self.s.max_samples:
             shards = [s[: self.s.max_samples] for s in shards]
+        if self.s.mode == "secagg":
+            # The run's operator key exists before any worker certifies with it (a temporary
+            # folder unless the caller names one in the run folder).
+            if not self.s.operator_dir:
+                self.s = replace(self.s, operator_dir=tempfile.mkdtemp(prefix="sim-operator-"))
+            load_or_create_operator_key(Path(self.s.operator_dir))
         w = min(self.s.num_workers, self.s.devices)
         for wid in range(w):
             mine = list(range(wid, self.s.devices, w))

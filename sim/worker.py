@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,7 @@ from fedcore.messages import (
     parse_pointer,
     parse_result,
 )
+from fedcore.operator import certify, load_or_create_operator_key
 from fedcore.participant import Participant
 from fedcore.secagg import crypto
 from fedcore.storage import ObjectStore, S3Store, StoredObject
@@ -145,6 +147,10 @@ class SimSettings:
     slack_s: float = 30.0  # beyond the cohort's summed phase limits before a device gives up
     client_prefix: str = "sim"
     seed: int = 0
+    # Secure mode: the folder of this run's operator key (``fedcore.operator``), created by
+    # ``Simulation.start`` before the workers; each worker certifies its devices' identity
+    # keys with it, as the operator would at enrollment, and the devices get its public key.
+    operator_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.workers < 0:
@@ -166,10 +172,10 @@ class SimSettings:
 class _SharedReads:
     """The store a worker's devices use: each write-once, public cohort message
     (a member's signed keys, encrypted shares or consistency signature) is downloaded
-    once per worker instead of once per reader; every device still parses and verifies
-    it."""
+    once per worker instead of once per reader, and each operator certificate once per
+    worker; every device still parses and verifies it."""
 
-    CACHED = (Kind.KEYS, Kind.SHARES, Kind.CONSISTENCY)
+    CACHED = (Kind.KEYS, Kind.SHARES, Kind.CONSISTENCY, Kind.CERTIFICATE)
 
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
@@ -667,13 +673,22 @@ def build_devices(
         settings.epochs, settings.batch_size, settings.lr, settings.momentum,
         settings.seed, settings.max_grad_norm,
     )  # fmt: skip
+    operator_sk = operator_pk = None
+    if settings.mode == "secagg":
+        if not settings.operator_dir:
+            raise ValueError("a secure simulation needs its run's operator key (operator_dir)")
+        operator_sk = load_or_create_operator_key(Path(settings.operator_dir))
+        operator_pk = crypto.ed25519_public(operator_sk)
     out = []
     for i, idx in zip(indices, shards, strict=True):
         cid = settings.client_id(i)
         key = crypto.ed25519_keypair()[0] if settings.mode == "secagg" else None
-        p = _Cached(store, cid, mode=settings.mode, signing_key=key, models=models)
-        if key is not None:
+        p = _Cached(
+            store, cid, mode=settings.mode, signing_key=key, models=models, operator_key=operator_pk
+        )
+        if key is not None and operator_sk is not None:
             p.enroll()
+            certify(store, operator_sk, cid, crypto.ed25519_public(key))
         dev = Device(
             p, mnist.train_x[idx], mnist.train_y[idx], train, LoopSettings(),
             log=lambda m, cid=cid: log.debug(m, extra={"client_id": cid}),

@@ -23,7 +23,7 @@ abandoned (a fault, a lost write, an unusable update, a manifest that lies or
 leaves us out, the cohort ended or time ran out before a phase closed),
 dropped (the fault-injection hook made the device vanish at a ``DropPoint``)
 or refused (the cohort's mode or user-level DP is not what this device
-accepts). The safety rules live here, single-sourced: a device only masks
+accepts, or a peer's operator certificate is missing or invalid). The safety rules live here, single-sourced: a device only masks
 for the members of a checked U2, only reveals shares after a checked U3 that
 counts it and that at least ``t`` of U3's members signed identically
 (``quorum_fault``; Bonawitz et al. 2017, section 4, ConsistencyCheck), and
@@ -428,6 +428,14 @@ class Faulted:
 
 
 @dataclass(frozen=True)
+class PeerUntrusted:
+    """A member's operator certificate is missing or invalid (answers ``Advertise``, before
+    anything is published): the server may have swapped an identity, so refuse the cohort."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Vanished:
     """The drop hook made the device vanish at ``point`` (dropout experiments)."""
 
@@ -437,7 +445,7 @@ class Vanished:
 Observation = (
     Pending | Stopped | TimedOut | VersionSeen | Allowed | BudgetRefused | CheckedIn | CohortFound
     | CheckInExpired | ManifestRead | QuorumSeen | CohortEnded | Written | Trained | Uploaded
-    | Diverged | WriteConflict | Faulted | Vanished | CohortAborted
+    | Diverged | WriteConflict | Faulted | Vanished | CohortAborted | PeerUntrusted
 )  # fmt: skip
 
 
@@ -807,6 +815,12 @@ def _advertised(state: DeviceState, obs: Written) -> Transition:
     return replace(state, stage=Stage.KEYS), []
 
 
+def _untrusted(state: DeviceState, obs: PeerUntrusted) -> Transition:
+    """Refuse (uncounted, nothing published) a cohort with a peer the operator did not certify."""
+    line = Say(f"refusing {state.cid}: {obs.reason}", logging.WARNING, obs.reason)
+    return _leave(state, Outcome.REFUSED, [line], reason=obs.reason)
+
+
 def _phase_closed(state: DeviceState, obs: ManifestRead) -> Transition:
     assert state.cfg is not None
     phase = _WAITS[state.stage]
@@ -980,6 +994,7 @@ _HANDLERS: dict[tuple[Stage, type], Handler] = {  # type: ignore[dict-item]
     (Stage.ADMISSION, Allowed): _admitted,
     (Stage.ADMISSION, BudgetRefused): _dp_refused,
     (Stage.ADVERTISE, Written): _advertised,
+    (Stage.ADVERTISE, PeerUntrusted): _untrusted,
     (Stage.SHARE, Written): _shared,
     (Stage.TRAIN, Trained): _trained,
     (Stage.TRAIN, Diverged): _plain_untrained,

@@ -53,6 +53,7 @@ from fedcore.device.machine import (
     Leave,
     ManifestRead,
     Observation,
+    PeerUntrusted,
     Pending,
     QuorumSeen,
     Request,
@@ -86,6 +87,7 @@ from fedcore.errors import (
 )
 from fedcore.messages import CohortConfig, Mode
 from fedcore.participant import Participant, Ticket
+from fedcore.secagg.protocol import CertificateError
 
 LINES = "fedcore.device.lines"  # the logger of the device's user-visible lines
 lines = logging.getLogger(LINES)
@@ -355,6 +357,10 @@ class Runner:
             case Advertise():
                 self.cohort_id = action.cfg.cohort_id
                 self.round = SecureRound(self.p, action.cfg)
+                try:  # before anything is published: whose keys are whose
+                    self.round.check_certificates()
+                except CertificateError as exc:
+                    return PeerUntrusted(str(exc))
                 self.round.advertise()
                 return Written()
             case AwaitPhase():

@@ -47,6 +47,7 @@ from fedcore.secagg.masking import mask_input
 from fedcore.secagg.protocol import (
     MASKED_TENSOR,
     SHARE_BYTES,
+    CertificateError,
     ConsistencyMsg,
     KeysMsg,
     MaskedMeta,
@@ -59,6 +60,7 @@ from fedcore.secagg.protocol import (
     encode_unmask,
     masked_metadata,
     member_index,
+    parse_certificate,
     parse_identity,
     parse_keys,
     parse_shares,
@@ -123,6 +125,11 @@ class SecureRound:
         return self.p.signing_key
 
     def _identity(self, client: str) -> bytes:
+        if self.p.operator_key is not None:
+            # Only ever the operator-certified key: the pin and identity.json are the server's.
+            if client not in self.p.certified:
+                self.check_certificates([client])
+            return self.p.certified[client]
         if (pinned := pinned_identity(self.cfg.identities, client)) is not None:
             return pinned  # pinned by the function when it formed the cohort
         if client not in self._identities:
@@ -136,6 +143,43 @@ class SecureRound:
         key = layout.member_key(self.cfg.cohort_id, kind, self.me)
         self.p.store.put_new(key, body, content_type=content_type)
         return key
+
+    # -- identities ----------------------------------------------------------
+    def check_certificates(self, clients: list[str] | None = None) -> None:
+        """Check the operator's certificate of each peer (default: this member and its
+        neighbours, whose keys it will use); ``CertificateError`` names the first bad one.
+
+        Security: the function pins identities in the config and the gateway writes
+        ``identity.json``; either could swap a neighbour's key for its own and collect
+        this member's shares. Only a certificate signed by the operator's key (which
+        the device was given, never read from the bucket) says whose key is whose, so
+        a missing or invalid one, or a config pin that disagrees with it, refuses the
+        cohort before this member publishes anything. Checked keys are kept for the
+        device's lifetime: an id is certified for one key only.
+        """
+        operator = self.p.operator_key
+        if operator is None:
+            return
+        for client in sorted({self.me, *self.neighbours}) if clients is None else clients:
+            if client not in self.p.certified:
+                key = layout.certificate_key(client)
+                try:
+                    blob = self.p.store.get(key).body
+                except NotFoundError:
+                    raise CertificateError(f"{key}: no operator certificate for {client}") from None
+                cert = parse_certificate(blob, operator_key=operator, client_id=client, where=key)
+                self.p.certified[client] = cert.ed25519
+            certified = self.p.certified[client]
+            pinned = pinned_identity(self.cfg.identities, client)
+            if pinned is not None and pinned != certified:
+                raise CertificateError(
+                    f"{layout.config_key(self.cfg.cohort_id)}: pins a key for {client} "
+                    "that the operator did not certify"
+                )
+            if client == self.me and certified != crypto.ed25519_public(self._sk):
+                raise CertificateError(
+                    f"{layout.certificate_key(client)}: certifies another key than this device's"
+                )
 
     # -- round 1 -------------------------------------------------------------
     def advertise(self) -> str:
@@ -213,11 +257,16 @@ class SecureRound:
                     },
                 )
             self.privacy_rdp = dp.worst_case_rdp(self.cfg.min_members, flat.size)
+            declared = None
         else:
-            weight = min(num_samples, self.params.weight_cap) / self.params.weight_cap
-            vec = flatten_weighted(delta, weight)
+            # The declaration is public and signed; a device never declares fewer than one
+            # sample (a zero or negative weight would let one member cancel the others).
+            declared = max(1, int(num_samples))
+            vec = flatten_weighted(delta, self.params.weight(declared))
             rng = np.random.default_rng(secrets.randbits(128))  # rounding only; not a secret
-            q, self.clipped = self.params.quantizer().quantize(vec, rng, in_place=True)
+            q, self.clipped = self.params.quantizer().quantize(
+                vec, rng, in_place=True, exact_last=self.params.weight_code(declared)
+            )  # the weight slot exact: the function checks it against the declarations
         pair_seeds = {
             v: crypto.pair_mask_seed(
                 self._s_sk,
@@ -232,7 +281,8 @@ class SecureRound:
         meta = MaskedMeta(
             self.cfg.cohort_id, self.me, self.cfg.base_version, int(masked.size),
             hashlib.sha256(memoryview(masked)).hexdigest(),
-            None if train_s is None else round(min(max(float(train_s), 0.0), 1e6), 3),
+            train_s=None if train_s is None else round(min(max(float(train_s), 0.0), 1e6), 3),
+            samples=declared,
         )  # fmt: skip
         blob = encode_tensors({MASKED_TENSOR: masked}, masked_metadata(meta, self._sk))
         if self.clipped:

@@ -28,6 +28,8 @@ DOMAIN_SHARES = "fedcore/v1/secagg/shares"
 DOMAIN_MASKED = "fedcore/v1/secagg/masked"
 DOMAIN_UNMASK = "fedcore/v1/secagg/unmask"
 DOMAIN_CONSISTENCY = "fedcore/v1/secagg/consistency"
+DOMAIN_CERTIFICATE = "fedcore/v1/operator/certificate"
+CERTIFICATE_FORMAT = "fedcore.certificate.v1"
 MASKED_FORMAT = "fedcore.masked.v1"
 MASKED_TENSOR = "masked"
 MAX_MESSAGE_BYTES = 1 << 20
@@ -107,6 +109,24 @@ class SecAggParams:
     def quantizer(self) -> Quantizer:
         return Quantizer(clip=self.clip, bits=self.bits)
 
+    def weight(self, samples: int) -> float:
+        """A member's FedAvg weight: min(samples, weight_cap) / weight_cap, in [1/cap, 1]."""
+        if samples < 1:
+            raise ValueError(f"a member declares at least one sample, got {samples}")
+        return min(samples, self.weight_cap) / self.weight_cap
+
+    def weight_code(self, samples: int) -> int:
+        """The exact code of a member's weight slot for ``samples`` declared samples.
+
+        Deterministic (round to nearest, never the stochastic rounding of the other
+        slots), so the function can check the unmasked slot against the sum of the
+        counted members' signed declarations exactly; device and function both call
+        this one function. The weight is clipped to ``clip`` like any other slot.
+        """
+        q = self.quantizer()
+        w = min(self.weight(samples), self.clip)
+        return min(math.floor((w + self.clip) / q.step + 0.5), q.levels)
+
     def graph(self, members: list[str]) -> dict[str, set[str]]:
         return neighbours(sorted(members), k=self.k, seed=bytes.fromhex(self.graph_seed))
 
@@ -176,6 +196,78 @@ def parse_identity(blob: bytes, *, client_id: str, where: str) -> Identity:
     if doc.get("client_id") != client_id:
         raise IntegrityError(f"{where}: identity names {doc.get('client_id')!r}")
     return Identity(client_id, crypto.unb64(doc.get("ed25519"), what=f"{where}: ed25519", size=32))
+
+
+# -- operator certificates ------------------------------------------------------
+
+
+class CertificateError(IntegrityError):
+    """A member's operator certificate is missing, forged, or certifies another key."""
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The operator's word that ``client_id``'s long-term Ed25519 key is ``ed25519``.
+
+    Security: only the operator's signing key (kept outside AWS, ``fedcore.operator``)
+    makes one, so nothing the function or the gateway writes can swap a member's
+    identity: a device checks each peer's certificate against the operator's public
+    key it was given at enrollment, never against a key read from the bucket.
+    ``issued_at`` (seconds since the epoch) records when the operator certified it.
+    """
+
+    client_id: str
+    ed25519: bytes
+    issued_at: float
+
+
+def operator_key_id(operator_public: bytes) -> str:
+    """A short name of an operator key (hex of its SHA-256, 16 digits), for logs and checks."""
+    return hashlib.sha256(b"fedcore/v1/operator-key\n" + operator_public).hexdigest()[:16]
+
+
+def encode_certificate(cert: Certificate, operator_sk: bytes) -> bytes:
+    """The certificate document, signed by the operator (canonical JSON, one line)."""
+    doc = {
+        "format": CERTIFICATE_FORMAT,
+        "client_id": check_id(cert.client_id, "client id"),
+        "ed25519": crypto.b64(cert.ed25519),
+        "issued_at": cert.issued_at,
+        "operator": operator_key_id(crypto.ed25519_public(operator_sk)),
+    }
+    return encode_signed(doc, domain=DOMAIN_CERTIFICATE, signing_key=operator_sk)
+
+
+def parse_certificate(
+    blob: bytes, *, operator_key: bytes, client_id: str, where: str
+) -> Certificate:
+    """The certificate if the operator ``operator_key`` signed it for ``client_id``.
+
+    Raises ``CertificateError`` (an ``IntegrityError``) for a wrong format, another
+    client id (a certificate moved to another member), a signature by any other key
+    (a forgery, or another operator's), or a malformed key.
+    """
+    try:
+        doc = _load(blob, where)
+    except IntegrityError as exc:
+        raise CertificateError(str(exc)) from None
+    if doc.get("format") != CERTIFICATE_FORMAT:
+        raise CertificateError(
+            f"{where}: format {doc.get('format')!r}, expected {CERTIFICATE_FORMAT!r}"
+        )
+    if doc.get("client_id") != client_id:
+        raise CertificateError(f"{where}: certifies {doc.get('client_id')!r}, not {client_id!r}")
+    if doc.get("operator") != operator_key_id(operator_key):
+        raise CertificateError(f"{where}: signed by operator {doc.get('operator')!r}, not ours")
+    try:
+        crypto.verify(operator_key, DOMAIN_CERTIFICATE, doc, where=where)
+        public = crypto.unb64(doc.get("ed25519"), what=f"{where}: ed25519", size=32)
+        issued_at = doc.get("issued_at")
+        if not isinstance(issued_at, int | float) or isinstance(issued_at, bool):
+            raise IntegrityError(f"{where}: issued_at must be a number")
+    except IntegrityError as exc:
+        raise CertificateError(str(exc)) from None
+    return Certificate(client_id, public, float(issued_at))
 
 
 # -- round 1: AdvertiseKeys -----------------------------------------------------
@@ -314,12 +406,18 @@ class MaskedMeta:
     # None, so an upload without it is byte-for-byte what it was before the field. It
     # tells the server little that the upload's arrival time does not already show.
     train_s: float | None = None
+    # The member's declared sample count (>= 1), public and signed before masking; its
+    # weight slot must hold ``SecAggParams.weight_code(samples)``, which the function
+    # checks on the unmasked sum. None (omitted from the document, like ``train_s``):
+    # user-level DP cohorts, where every member's weight is 1 and a count would only leak.
+    samples: int | None = None
+
+
+_OPTIONAL_META = frozenset({"train_s", "samples"})  # left out of the document when None
 
 
 def masked_metadata(meta: MaskedMeta, signing_key: bytes) -> dict[str, str]:
-    doc = asdict(meta)
-    if doc["train_s"] is None:
-        del doc["train_s"]
+    doc = {k: v for k, v in asdict(meta).items() if not (k in _OPTIONAL_META and v is None)}
     doc["signature"] = crypto.sign(signing_key, DOMAIN_MASKED, doc)
     return {"format": MASKED_FORMAT, "fedcore": json.dumps(doc, sort_keys=True)}
 
@@ -341,6 +439,7 @@ def parse_masked_metadata(
             length=int(doc["length"]),
             digest=str(doc["digest"]),
             train_s=_train_s(doc.get("train_s"), where),
+            samples=_declared_samples(doc.get("samples"), where),
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise IntegrityError(f"{where}: masked metadata invalid: {exc!r}") from None
@@ -405,6 +504,15 @@ def parse_consistency(
     if client_id not in inputs:
         raise IntegrityError(f"{where}: {client_id} signs an input set that leaves it out")
     return ConsistencyMsg(cohort_id, client_id, inputs)
+
+
+def _declared_samples(value: Any, where: str) -> int | None:
+    """A declared sample count: absent, or an integer of at least one (never a float or bool)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise IntegrityError(f"{where}: declared samples {value!r} is not an integer >= 1")
+    return value
 
 
 # -- round 4: Unmask ------------------------------------------------------------

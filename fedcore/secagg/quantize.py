@@ -52,9 +52,18 @@ class Quantizer:
         return 2.0 * self.clip / self.levels
 
     def quantize(
-        self, x: np.ndarray, rng: np.random.Generator, *, in_place: bool = False
+        self,
+        x: np.ndarray,
+        rng: np.random.Generator,
+        *,
+        in_place: bool = False,
+        exact_last: int | None = None,
     ) -> tuple[np.ndarray, int]:
         """(uint32 codes, number of clipped coordinates).
+
+        ``exact_last``: the code of the last coordinate, given rather than rounded (a
+        secure member's weight slot, ``SecAggParams.weight_code``, which the function
+        checks exactly against the signed declarations); in [0, levels].
 
         Stochastic rounding as floor(s + u), u ~ U[0, 1): it rounds up with
         probability frac(s), like comparing u against frac(s), in two passes
@@ -77,7 +86,12 @@ class Quantizer:
         s += rng.random(s.shape, dtype=np.float32)
         np.floor(s, out=s)
         np.minimum(s, self.levels, out=s)  # guards s = levels + rounding error of the scale
-        return s.astype(np.uint32), clipped
+        codes = s.astype(np.uint32)
+        if exact_last is not None:
+            if not 0 <= exact_last <= self.levels:
+                raise ValueError(f"exact code {exact_last} outside [0, {self.levels}]")
+            codes[-1] = exact_last
+        return codes, clipped
 
     def dequantize_sum(self, total: np.ndarray, count: int) -> np.ndarray:
         """Float sum of ``count`` members' values from the (non-wrapping) sum of their codes."""

@@ -104,15 +104,22 @@ class Finalizer:
         self.clock = clock
 
     # -- the input round of a secure cohort -----------------------------------
-    def sum_inputs(self, cfg: CohortConfig, present: dict[str, str]) -> tuple[dict[str, str], str]:
-        """Validate and sum the masked uploads; write the sum; return (valid members, sum key)."""
+    def sum_inputs(
+        self, cfg: CohortConfig, present: dict[str, str]
+    ) -> tuple[dict[str, str], str, dict[str, str]]:
+        """Validate and sum the masked uploads; write the sum; return (valid members, sum
+        key, each valid member's signed sample count for the manifest's ``verified``)."""
         cid = cfg.cohort_id
         length = secure.vector_length(self.cache.schema(cfg.base_version))
+        # Without user-level DP each member signs its sample count (its weight); under DP
+        # every weight is 1 and ``decode_dp_mean`` checks the slot instead.
+        declared = cfg.dp is None
 
         def check(client: str, key: str, blob: bytes) -> tuple[np.ndarray, MaskedMeta]:
             return secure.check_masked(
                 blob, where=key, length=length, identity=self.cache.member_identity(cfg, client),
                 cohort_id=cid, client_id=client, base_version=cfg.base_version,
+                require_samples=declared,
             )  # fmt: skip
 
         uploads = [(c, layout.member_key(cid, Kind.MASKED, c)) for c in sorted(present)]
@@ -133,7 +140,8 @@ class Finalizer:
         # AlreadyExists: a concurrent close summed the same member set (same bytes).
         with contextlib.suppress(AlreadyExistsError):
             self.store.put_new(key, secure.encode_sum(result.total, result.included, cid, train))
-        return valid, key
+        samples = {c: str(result.samples[c]) for c in result.included} if declared else {}
+        return valid, key, samples
 
     # -- finalize ----------------------------------------------------------------
     def finalize(self, cid: str) -> Outcome:
@@ -345,6 +353,10 @@ class Finalizer:
                 mean, weight = secure.decode_mean(
                     total, params=params, count=len(u3), schema=schema
                 )
+                # Within the honest range is not enough: the slot must be what was declared.
+                secure.check_weight_slot(
+                    total, params=params, declared=declared_samples(inputs, u3)
+                )
         except secure.BoundsError as exc:
             raise CohortAborted(f"sum out of honest bounds, not applied: {exc}") from exc
         except (secure.UnmaskError, IntegrityError, NotFoundError) as exc:
@@ -454,3 +466,21 @@ class Finalizer:
                 content_type="application/json",
             )
         self.cache.mark_closed(cfg.cohort_id)
+
+
+def declared_samples(inputs: Manifest, counted: list[str]) -> dict[str, int]:
+    """Each counted member's signed sample count, as the inputs manifest recorded it at close.
+
+    ``CohortAborted`` if one is missing or malformed (a manifest from before declared
+    weights, or one that was tampered with): the weight slot cannot be checked.
+    """
+    out = {}
+    for client in counted:
+        text = inputs.verified.get(client, "")
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            raise CohortAborted(
+                f"inputs manifest has no declared weight for {client}; the weight slot "
+                "cannot be checked, not applied"
+            )
+        out[client] = int(text)
+    return out

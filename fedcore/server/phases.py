@@ -33,8 +33,9 @@ from fedcore.storage import ObjectStore
 # fedcore.server.coordinator's logger: the log lines read as they did before the split.
 log = logging.getLogger("fedcore.server.coordinator")
 
-# Validates and sums a secure cohort's masked uploads: (valid member -> ETag, sum key).
-SumInputs = Callable[[CohortConfig, dict[str, str]], tuple[dict[str, str], str]]
+# Validates and sums a secure cohort's masked uploads: (valid member -> ETag, sum key,
+# valid member -> its signed sample count, recorded in the manifest's ``verified``).
+SumInputs = Callable[[CohortConfig, dict[str, str]], tuple[dict[str, str], str, dict[str, str]]]
 
 
 class Phases:
@@ -164,7 +165,7 @@ class Phases:
         verified: dict[str, str] = {}
         sum_key = ""
         if phase is Phase.INPUTS and cfg.mode is Mode.SECAGG:
-            valid, sum_key = self.sum_inputs(cfg, present)
+            valid, sum_key, verified = self.sum_inputs(cfg, present)
         elif phase is Phase.INPUTS:
             valid = present  # plaintext updates are validated while averaging
         else:

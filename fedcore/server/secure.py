@@ -64,6 +64,7 @@ class MaskedSum:
     rejected: dict[str, str] = field(default_factory=dict)
     bytes_read: int = 0
     train_s: dict[str, float] = field(default_factory=dict)  # included members that reported it
+    samples: dict[str, int] = field(default_factory=dict)  # included members' declared counts
 
 
 def check_masked(
@@ -75,8 +76,14 @@ def check_masked(
     cohort_id: str,
     client_id: str,
     base_version: int,
+    require_samples: bool = False,
 ) -> tuple[np.ndarray, MaskedMeta]:
-    """Validate one masked upload; its uint32 vector (a view of ``blob``) and signed metadata."""
+    """Validate one masked upload; its uint32 vector (a view of ``blob``) and signed metadata.
+
+    With ``require_samples`` (cohorts without user-level DP) the signed metadata must
+    declare the member's sample count (>= 1), for the weight-slot check after
+    unmasking (``check_weight_slot``).
+    """
     cap = max_update_bytes({MASKED_TENSOR: ("U32", (length,))}, "U32")
     if len(blob) > cap:
         raise IntegrityError(f"{where}: upload of {len(blob)} bytes exceeds the {cap}-byte cap")
@@ -91,6 +98,8 @@ def check_masked(
         )
     if hashlib.sha256(memoryview(vec)).hexdigest() != signed.digest:
         raise IntegrityError(f"{where}: data does not match its signed digest (tampered)")
+    if require_samples and signed.samples is None:
+        raise IntegrityError(f"{where}: no signed sample count (declared weight)")
     return vec, signed
 
 
@@ -121,6 +130,8 @@ def masked_sum(
         out.included.append(client)
         if signed.train_s is not None:
             out.train_s[client] = signed.train_s
+        if signed.samples is not None:
+            out.samples[client] = signed.samples
 
     for client, key, fut in stream_objects(store, uploads, concurrency=concurrency, parse=check):
         fold(client, key, fut)
@@ -270,6 +281,26 @@ class BoundsError(UnmaskError):
 
     Raised before anything is committed: the cohort aborts and nothing is applied.
     """
+
+
+def check_weight_slot(
+    total: np.ndarray, *, params: SecAggParams, declared: Mapping[str, int]
+) -> None:
+    """The unmasked weight slot must equal the sum of the counted members' declared weights.
+
+    Each member signs its sample count before masking (``MaskedMeta.samples``) and
+    writes ``params.weight_code(samples)`` exactly in its weight slot, so the slot of
+    the sum is known to the function without seeing any one input. A member that
+    lies in its slot (a negative or huge weight would scale the applied update, or
+    cancel the others') makes the cohort abort here, before anything is applied
+    (``BoundsError``). ``declared`` names exactly the counted members.
+    """
+    expected = sum(params.weight_code(s) for s in declared.values()) % 2**32
+    if int(total[-1]) != expected:
+        raise BoundsError(
+            f"weight slot {int(total[-1])} is not the sum {expected} of the {len(declared)} "
+            "counted members' declared weights: some member lied about its weight"
+        )
 
 
 def decode_mean(

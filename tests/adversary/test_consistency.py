@@ -113,6 +113,7 @@ class Member:
     client_id: str
     signing_key: bytes
     mode: str = "secagg"
+    operator_key: bytes | None = None  # trusts the config's pins (test_identity covers certificates)
 
     def result(self, cohort_id: str) -> None:
         return None

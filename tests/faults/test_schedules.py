@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from fedcore import layout
@@ -322,17 +323,8 @@ schedules = given(
 )
 
 
-@pytest.mark.timeout(1800)  # 200 schedules in one test: a few minutes on 2 cores
-@pytest.mark.parametrize("backend", ["seaweed"], indirect=True)
-@settings(
-    max_examples=SCHEDULES,
-    deadline=None,
-    derandomize=True,  # CI runs the same 200 schedules every time
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@schedules
-def test_random_schedules_keep_every_invariant(
-    schedule_store: S3Store,
+def one_schedule(
+    store: S3Store,
     monkeypatch: pytest.MonkeyPatch,
     mode: str,
     n: int,
@@ -340,10 +332,51 @@ def test_random_schedules_keep_every_invariant(
     drops: list[str],
     schedule_seed: int,
 ) -> None:
-    """The schedules on SeaweedFS: about 7x faster per schedule than on moto's server."""
-    s, store = run_schedule(schedule_store, monkeypatch, mode, n, cohorts, drops, schedule_seed, {})
+    """One drawn schedule, run to the end, then every invariant checked."""
+    s, store = run_schedule(store, monkeypatch, mode, n, cohorts, drops, schedule_seed, {})
     check_invariants(s, store)
     assert find_head(store) >= 0
+
+
+def _seaweed_chunk(chunk: int) -> Any:
+    """One of ``SCHEDULE_CHUNKS`` tests that share the ``SCHEDULES`` schedules on SeaweedFS.
+
+    Chunks, not one test of 200: ``make test`` runs on two pytest-xdist workers, and one
+    test is one worker's for its whole length (it was the suite's critical path). Each
+    chunk draws from its own fixed hypothesis seed, so CI runs the same schedules every
+    time, and has its own bucket.
+    """
+
+    @pytest.mark.timeout(1800)
+    @pytest.mark.parametrize("backend", ["seaweed"], indirect=True)
+    @hypothesis_seed(chunk)
+    @settings(
+        max_examples=-(-SCHEDULES // SCHEDULE_CHUNKS),
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @schedules
+    def test(
+        schedule_store: S3Store,
+        monkeypatch: pytest.MonkeyPatch,
+        mode: str,
+        n: int,
+        cohorts: int,
+        drops: list[str],
+        schedule_seed: int,
+    ) -> None:
+        """The schedules on SeaweedFS: about 7x faster per schedule than on moto's server."""
+        one_schedule(schedule_store, monkeypatch, mode, n, cohorts, drops, schedule_seed)
+
+    test.__name__ = f"test_random_schedules_keep_every_invariant_{chunk}"
+    return test
+
+
+SCHEDULE_CHUNKS = 4
+test_random_schedules_keep_every_invariant_0 = _seaweed_chunk(0)
+test_random_schedules_keep_every_invariant_1 = _seaweed_chunk(1)
+test_random_schedules_keep_every_invariant_2 = _seaweed_chunk(2)
+test_random_schedules_keep_every_invariant_3 = _seaweed_chunk(3)
 
 
 def run_schedule(
@@ -453,6 +486,4 @@ def test_random_schedules_on_moto(
     """Fewer schedules on moto's server (the default backend), so its semantics stay covered:
     the same body, on other derandomized examples (hypothesis seeds by the test function).
     """
-    test_random_schedules_keep_every_invariant.hypothesis.inner_test(  # type: ignore[attr-defined]
-        schedule_store, monkeypatch, mode, n, cohorts, drops, schedule_seed
-    )
+    one_schedule(schedule_store, monkeypatch, mode, n, cohorts, drops, schedule_seed)

@@ -78,7 +78,8 @@ def test_gateway_role_grants_exactly_what_devices_and_enrollment_need(
     }
     assert grants(resources) == {
         "s3:ListBucket": {"<bucket>"},
-        "s3:GetObject": {"global/*", "clients/*/identity.json", "checkins/*",
+        "s3:GetObject": {"global/*", "clients/*/identity.json", "clients/*/certificate.json",
+                         "checkins/*",
                          "cohorts/c????????/config.json", "cohorts/c????????/state/*.json",
                          "cohorts/c????????/keys/*", "cohorts/c????????/shares/*",
                          "cohorts/c????????/consistency/*", "enrollment/*"},
@@ -93,6 +94,8 @@ def _sample_keys(me: str, peer: str, cid: str) -> list[str]:
         layout.model_key(7),
         layout.identity_key(me),
         layout.identity_key(peer),
+        layout.certificate_key(me),
+        layout.certificate_key(peer),
         layout.checkin_key(me, "n1"),
         layout.checkin_key(peer, "n1"),
         layout.config_key(cid),
@@ -116,8 +119,10 @@ def test_the_role_is_the_ceiling_of_the_access_policy(resources: dict[str, Any],
         for op, act in action.items():
             if access.allowed(me, op, key, cohort=lambda c: facts):
                 assert any(fnmatchcase(key, glob) for glob in g[act]), (op, key)
+    # Certificates are written by the operator only, never through the gateway.
     for key in [layout.LATEST_KEY, layout.model_key(1), layout.config_key(cid),
-                layout.state_key(cid, Phase.RESULT), layout.sum_key(cid, "0" * 16)]:  # fmt: skip
+                layout.state_key(cid, Phase.RESULT), layout.sum_key(cid, "0" * 16),
+                layout.certificate_key(me)]:  # fmt: skip
         assert not any(fnmatchcase(key, glob) for glob in g["s3:PutObject"]), key
     for key in [layout.sum_key(cid, "0" * 16)] + [
         layout.member_key(cid, kind, who)

@@ -445,6 +445,18 @@ def test_plaintext_training_is_no_drop_point() -> None:
         m.step(plain, m.Vanished(DropPoint.SHARES))
 
 
+def test_a_peer_without_a_valid_certificate_refuses_the_cohort_before_advertising() -> None:
+    """GIVEN a secure cohort about to advertise WHEN the runner finds a member's operator
+    certificate missing or forged THEN the device refuses it (uncounted, logged with the
+    reason) and checks in again, having published nothing."""
+    state = at(Stage.ADVERTISE)
+    state, actions = m.step(state, m.PeerUntrusted("clients/b/certificate.json: bad signature"))
+    leave = next(a for a in actions if isinstance(a, m.Leave))
+    assert leave.outcome is m.Outcome.REFUSED and "bad signature" in leave.reason
+    assert any(isinstance(a, m.Say) and a.level == logging.WARNING for a in actions)
+    assert state.stage is Stage.IDLE and state.rounds == 0 and state.retry
+
+
 def test_max_rounds_ends_after_the_last_counted_participation() -> None:
     state = at(Stage.UNMASK, max_rounds=1)
     state, actions = m.step(state, m.Written())
@@ -489,6 +501,7 @@ def _answers(state: DeviceState) -> st.SearchStrategy[m.Observation]:
         m.Faulted: st.builds(m.Faulted, kinds, st.just("bad")),
         m.CohortAborted: st.just(m.CohortAborted("too few")),
         m.QuorumSeen: st.builds(m.QuorumSeen, members),
+        m.PeerUntrusted: st.just(m.PeerUntrusted("no operator certificate")),
     }
     options = [make[t] if t in make else st.just(t()) for t in m.expects(state.stage)]
     options = [options[0]] * 3 + options  # the table lists the hoped-for answer first
