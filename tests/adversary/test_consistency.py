@@ -113,7 +113,9 @@ class Member:
     client_id: str
     signing_key: bytes
     mode: str = "secagg"
-    operator_key: bytes | None = None  # trusts the config's pins (test_identity covers certificates)
+    operator_key: bytes | None = (
+        None  # trusts the config's pins (test_identity covers certificates)
+    )
 
     def result(self, cohort_id: str) -> None:
         return None
@@ -606,17 +608,27 @@ def function_cohort(store: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_the_function_unmasks_only_an_input_set_t_members_signed(
-    store: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """GIVEN every member's reveal for U3 but no consistency signature over it WHEN the
     unmask round closes THEN the function aborts the cohort with the reason and logs each
     missing signature; nothing is applied."""
-    res = function_cohort(store, monkeypatch)
+    # The function's own logger: a LocalStack earlier in this process may have routed
+    # its parents to a file (no propagation), so caplog and stdout would miss it.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    coordinator_log = logging.getLogger("fedcore.server.coordinator")
+    coordinator_log.addHandler(handler)
+    try:
+        res = function_cohort(store, monkeypatch)
+    finally:
+        coordinator_log.removeHandler(handler)
     assert res is not None and res.status == "aborted", res
     assert "no consistency quorum over the input set" in res.reason
     assert "only 0 members of the input set of 4 signed it" in res.reason
-    logged = capsys.readouterr().out  # the functions' structured log lines
-    assert logged.count('"message":"consistency signature not counted"') == 4
+    missing = [r for r in records if r.getMessage() == "consistency signature not counted"]
+    assert len(missing) == 4
 
 
 def test_the_function_without_the_defence(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:

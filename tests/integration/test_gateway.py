@@ -348,4 +348,6 @@ def test_secure_cohort_with_gateway_only_devices(gw: LocalStack, store: S3Store)
     for k in TINY:
         np.testing.assert_allclose(new[k] / meta.weight, mean[k], atol=1e-5)
     created = _check_policy({c: s for c, (s, _) in pairs.items()}, store, cid)
-    assert created == {Kind.CHECKIN, Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.UNMASK}
+    assert created == {
+        Kind.CHECKIN, Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.CONSISTENCY, Kind.UNMASK
+    }  # fmt: skip
