@@ -19,14 +19,14 @@ import math
 ABORT_PROBABILITY = 1e-6
 
 
-def default_degree(n: int, max_dropout: float = 0.1) -> int:
+def default_degree(n: int, max_dropout: float = 0.1, colluders: int | None = None) -> int:
     """The smallest even k >= 2 * ceil(log2 n) that survives ``max_dropout``.
 
     Unmasking member v needs t (see ``default_threshold``) of v's k neighbours alive. With each
     member dropping independently with probability ``max_dropout``, k is the
     least degree for which n * P(Binomial(k, 1 - max_dropout) < t) is at most
     ``ABORT_PROBABILITY``. For a fixed rate k still grows as O(log n), but the
-    constant matters: at 10% dropouts k is 34 for n = 100 and 38 for n = 1000;
+    constant matters: at 10% dropouts k is 38 for n = 100 and 42 for n = 1000;
     at 30% a cohort of 100 needs all pairs (k = 99). Capped at n - 1.
     """
     if n <= 1:
@@ -34,15 +34,16 @@ def default_degree(n: int, max_dropout: float = 0.1) -> int:
     if not 0.0 <= max_dropout < 0.5:
         raise ValueError("max_dropout must be in [0, 0.5): t > k/2 needs a live majority")
     k = 2 * math.ceil(math.log2(n))
-    while k < n - 1 and n * _too_few_alive(k, 1.0 - max_dropout) > ABORT_PROBABILITY:
+    c = COLLUDERS if colluders is None else colluders
+    while k < n - 1 and n * _too_few_alive(k, 1.0 - max_dropout, c) > ABORT_PROBABILITY:
         k += 2
     return min(n - 1, k)
 
 
-def _too_few_alive(k: int, p_alive: float) -> float:
+def _too_few_alive(k: int, p_alive: float, colluders: int) -> float:
     """P(Binomial(k, p_alive) < t): too few live neighbours (the member's own share of its
     seed is not counted, so this also covers the key of a member that dropped)."""
-    t = default_threshold(k)
+    t = default_threshold(k, colluders)
     return sum(math.comb(k, i) * p_alive**i * (1 - p_alive) ** (k - i) for i in range(t))
 
 
