@@ -53,6 +53,7 @@ from fedcore import layout
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig, Manifest, Mode
 from fedcore.secagg import admission
+from fedcore.secagg.graph import COLLUDERS
 
 if TYPE_CHECKING:
     from fedcore.participant import Ticket
@@ -119,6 +120,7 @@ class FaultKind(Enum):
 # would let a malicious server set t = 1 and read a chosen member's update alone.
 DEVICE_MIN_DEGREE = 8  # neighbours per member (capped at n - 1: all pairs in a small cohort)
 DEVICE_MIN_SURVIVORS = 2  # fewer counted inputs than this reveal one member to another
+DEVICE_COLLUDERS = COLLUDERS  # neighbours that may side with the server (``params_fault``)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class Settings:
     train_margin_s: float = 5.0  # of the inputs deadline kept for masking and the upload
     min_degree: int = DEVICE_MIN_DEGREE  # a secure cohort's k at least min(this, n - 1)
     min_survivors: int = DEVICE_MIN_SURVIVORS  # a secure cohort's min_members at least this
+    colluders: int = DEVICE_COLLUDERS  # t must hold against this many colluding neighbours
 
 
 @dataclass(frozen=True)
@@ -501,10 +504,12 @@ def params_fault(cfg: CohortConfig, settings: Settings) -> str | None:
     Security first: every number here comes from an object the server wrote, so each is
     checked against what the protocol needs and the device's own floors, not trusted.
 
-    - ``t`` must be a strict majority of a member's ``k + 1`` share holders (its
-      neighbours and itself): honest holders reveal one kind of share per member, and
-      only a majority makes "never both" binding (Bonawitz et al. 2017, section 4);
-      ``t = 1`` would let the server alone rebuild a chosen member's self-mask.
+    - ``t`` must exceed ``(k + 1 + settings.colluders) / 2``, a strict majority of a
+      member's ``k + 1`` share holders (its neighbours and itself) after that many of
+      them side with the server: honest holders reveal one kind of share per member,
+      and only then is "never both" binding against a server that shows different
+      holders different input sets (``graph.default_threshold``); ``t = 1`` would let
+      the server alone rebuild a chosen member's self-mask.
     - ``k`` at least ``min(settings.min_degree, n - 1)``: too few neighbours and a
       handful of colluders surround a member (Bell et al. 2020, section 3).
     - the least number of inputs a member reveals for, ``max(min_members, t)``, at
@@ -518,8 +523,11 @@ def params_fault(cfg: CohortConfig, settings: Settings) -> str | None:
         return None
     n = len(cfg.members)
     holders = p.k + 1
-    if not (2 * p.t > holders and p.t <= holders):
-        return f"threshold t={p.t} is not a strict majority of the k+1={holders} share holders"
+    if not (2 * p.t > holders + settings.colluders and p.t <= holders):
+        return (
+            f"threshold t={p.t} is not a strict majority of the k+1={holders} share holders "
+            f"once {settings.colluders} of them collude with the server"
+        )
     floor_k = min(settings.min_degree, max(1, n - 1))
     if p.k < floor_k:
         return f"degree k={p.k} is below this device's floor {floor_k} for {n} members"

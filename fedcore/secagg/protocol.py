@@ -19,7 +19,7 @@ from fedcore.codec import load_json_object
 from fedcore.errors import IntegrityError
 from fedcore.layout import check_id
 from fedcore.secagg import crypto
-from fedcore.secagg.graph import default_degree, default_threshold, neighbours
+from fedcore.secagg.graph import COLLUDERS, default_degree, default_threshold, neighbours
 from fedcore.secagg.quantize import Quantizer, bits_for
 
 DOMAIN_CHECKIN = "fedcore/v1/checkin"
@@ -63,11 +63,12 @@ class SecAggParams:
         k: int | None = None,
         max_dropout: float = 0.1,
         bits: int | None = None,
+        colluders: int = COLLUDERS,
     ) -> SecAggParams:
-        k = default_degree(n, max_dropout) if k is None else min(k, n - 1)
+        k = default_degree(n, max_dropout, colluders) if k is None else min(k, n - 1)
         return cls(
             k=k,
-            t=max(1, default_threshold(k)),
+            t=max(1, default_threshold(k, colluders)),
             graph_seed=secrets.token_hex(16),
             clip=clip,
             bits=bits_for(n) if bits is None else min(bits, bits_for(n)),

@@ -150,6 +150,7 @@ class Formation:
                 weight_cap=s.secagg_weight_cap,
                 max_dropout=s.secagg_max_dropout,
                 bits=bits,
+                colluders=s.secagg_colluders,
             )
             phase_s = {p.value: s.short_round_s for p in PHASES[mode]}
         else:

@@ -74,6 +74,9 @@ class ServerSettings:
     secagg_degree: int = setting(0, "SECAGG_DEGREE")
     # Dropout rate the default degree is sized for.
     secagg_max_dropout: float = setting(0.1, "SECAGG_MAX_DROPOUT")
+    # Neighbours of a member that may collude with a malicious server: t > (k+1+this)/2.
+    # Devices refuse a t below their own floor (default 1), so lowering it needs both sides.
+    secagg_colluders: int = setting(1, "SECAGG_COLLUDERS")
     # User-level DP noise multiplier z (0: off); needs secagg.
     dp_user_noise: float = setting(0.0, "DP_USER_NOISE")
     # L2 bound C of each member's delta under user-level DP.
@@ -104,6 +107,8 @@ class ServerSettings:
             raise ValueError("checkins_per_minute must be >= 0 (0: no limit)")
         if self.staleness_weight not in STALENESS_WEIGHTS:
             raise ValueError(f"staleness_weight must be one of {sorted(STALENESS_WEIGHTS)}")
+        if self.secagg_colluders < 0:
+            raise ValueError("secagg_colluders must be >= 0")
         if not 0.0 <= self.secagg_max_dropout < 0.5:
             raise ValueError("secagg_max_dropout must be in [0, 0.5)")
         if not (self.plaintext_clip >= 0 and math.isfinite(self.plaintext_clip)):

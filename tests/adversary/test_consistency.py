@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ from fedcore.errors import AlreadyExistsError, IntegrityError, NotFoundError, Pr
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Manifest, Mode
 from fedcore.secagg import admission, crypto, shamir
+from fedcore.secagg.graph import default_threshold
 from fedcore.secagg.protocol import (
     SHARE_BYTES,
     ConsistencyMsg,
@@ -181,13 +183,18 @@ class Device:
                 self.request = a
 
 
+def device_settings(client: str) -> m.Settings:
+    """An honest device's standing terms: the product's defaults (floors included)."""
+    return m.Settings(client, Mode.SECAGG)
+
+
 def honest(cohort: Cohort, bucket: Bucket, client: str, now: list[float]) -> Device:
     runner = Runner(
         cohort.member(bucket, client),  # type: ignore[arg-type]
         SyntheticDevice(lambda cfg: update(client)),
         blocking=False, clock=lambda: now[0],
     )  # fmt: skip
-    state, actions = m.join(m.Settings(client, Mode.SECAGG), cohort.cfg)
+    state, actions = m.join(device_settings(client), cohort.cfg)
     d = Device(client, runner, state)
     d.act(actions)
     return d
@@ -352,7 +359,7 @@ def test_equivocating_manifests_without_a_colluder_never_reconstruct_the_victim(
     other half one without it, and no colluder WHEN the honest devices sign, wait for a
     quorum and reveal THEN the victim's update is not reconstructed and every reveal names
     the set its sender signed (the full graph of 5 and a sparse graph of 12)."""
-    for cohort in (Cohort(5, 4, 3), Cohort(12, 8, 5)):
+    for cohort in (Cohort(5, 4, 4), Cohort(12, 8, 6)):
         run = equivocate(cohort, colluding=0)
         assert not reconstructed(run, cohort.members[0])
         for key, body in run.bucket.objects.items():
@@ -362,47 +369,40 @@ def test_equivocating_manifests_without_a_colluder_never_reconstruct_the_victim(
                 assert json.loads(body)["inputs"] == signed["inputs"], who
 
 
-@pytest.mark.parametrize(
-    "rule",
-    [
-        pytest.param(
-            "t",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "a quorum of t members of U3 is no harder to gather than t shares of "
-                    "each kind: with one colluding neighbour the split still reconstructs "
-                    "the victim (n=12, k=8, t=5); see the module docstring"
-                ),
-            ),
-        ),
-        "majority",
-    ],
-)
-def test_equivocation_with_one_colluding_neighbour(
-    rule: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """GIVEN the issue's attack with one colluding neighbour in a sparse cohort (n = 12,
-    k = 8, t = 5: without a consistency round the server gets t = 5 shares of each kind)
-    WHEN the quorum is ``t`` (the rule shipped) or a strict majority of the cohort THEN
-    the victim's update is not reconstructed. Under ``t`` it is (strict xfail: it records
-    the gap); under a majority each set needs 7 signers, so the honest members, who sign
-    once, cannot give both."""
-    if rule == "majority":
-        monkeypatch.setattr(admission, "quorum_size", lambda n, t: max(t, n // 2 + 1))
-    cohort = Cohort(12, 8, 5)
+@pytest.mark.parametrize(("n", "k"), [(5, 4), (12, 8)])
+def test_equivocation_with_one_colluding_neighbour(n: int, k: int) -> None:
+    """GIVEN the issue's attack with one colluding neighbour, in the full graph of 5 and a
+    sparse graph of 12, at the threshold the server chooses and every device demands
+    (``default_threshold``: t > (k + 1 + 1) / 2, so t = 4 and t = 6) WHEN the honest
+    devices sign, wait for a quorum and reveal THEN the victim's update is not
+    reconstructed: the honest holders, who reveal one kind each, cannot give t - 1 of
+    both kinds."""
+    cohort = Cohort(n, k, default_threshold(k))
     assert not reconstructed(equivocate(cohort, colluding=1), cohort.members[0])
 
 
+@pytest.mark.parametrize(("n", "k"), [(5, 4), (12, 8)])
 def test_equivocation_with_one_colluding_neighbour_without_the_defence(
-    monkeypatch: pytest.MonkeyPatch,
+    n: int, k: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Control: the same attack with no quorum check at all reconstructs the victim, so it
-    is the quorum (at a majority) that stops it above."""
-    monkeypatch.setattr(admission, "quorum_size", lambda n, t: max(t, n // 2 + 1))
-    no_quorum_check(monkeypatch)
-    cohort = Cohort(12, 8, 5)
+    """Control: devices that accept a bare strict majority (t = 3 of 5 holders, t = 5 of 9:
+    their colluder floor switched off) are split, and the victim is reconstructed, quorum
+    of t signatures and all (measured first on the shipped round, design note 39)."""
+    monkeypatch.setattr(
+        sys.modules[__name__],
+        "device_settings",
+        lambda client: m.Settings(client, Mode.SECAGG, colluders=0),
+    )
+    cohort = Cohort(n, k, default_threshold(k, colluders=0))
     assert reconstructed(equivocate(cohort, colluding=1), cohort.members[0])
+
+
+def test_devices_refuse_a_threshold_one_colluder_could_split() -> None:
+    """The floor itself: a config with t = 5 at k = 8 (a bare strict majority) is refused
+    by every device, with the reason, before it advertises a key."""
+    cohort = Cohort(12, 8, 5)
+    fault = m.params_fault(cohort.cfg, device_settings(cohort.members[0]))
+    assert fault is not None and "collude" in fault
 
 
 # -- a live member declared dropped, then asked for its self-mask ------------------------
@@ -467,7 +467,7 @@ def test_a_live_member_declared_dropped_cannot_then_be_asked_for_its_self_mask()
     its mask key) WHEN it hides that and shows them a U3 with the victim THEN each refuses
     to sign a second set, the victim finds no quorum, nobody reveals a share of its
     self-mask seed, and its update is not reconstructed."""
-    cohort = Cohort(5, 4, 3)
+    cohort = Cohort(5, 4, 4)
     victim = cohort.members[0]
     run, second = declare_dropped_then_ask(cohort)
     assert all(o.startswith("refused to sign") for c, o in second.items() if c != victim), second
@@ -490,7 +490,7 @@ def test_a_live_member_declared_dropped_without_the_defence(
         return sign(self, u3)
 
     monkeypatch.setattr(SecureRound, "sign_inputs", forgetful)
-    cohort = Cohort(5, 4, 3)
+    cohort = Cohort(5, 4, 4)
     run, second = declare_dropped_then_ask(cohort)
     assert set(second.values()) == {"revealed"}, second
     assert reconstructed(run, cohort.members[0])
@@ -540,7 +540,7 @@ def test_withheld_or_forged_signatures_never_make_a_quorum(
     signature, a replay from another cohort) WHEN the devices wait for a quorum THEN each
     leaves once its wait runs out, revealing nothing, and each forgery is logged."""
     caplog.set_level(logging.WARNING, logger="fedcore.device.secure")
-    cohort = Cohort(5, 4, 3)
+    cohort = Cohort(6, 5, default_threshold(5))  # 3 withheld per reader: one of each forgery
     run = withhold(cohort, forge=forge)
     assert not [k for k in run.bucket.objects if layout.parse_key(k).kind is Kind.UNMASK]
     for d in run.devices.values():
@@ -560,7 +560,7 @@ def test_forged_signatures_without_the_defence(monkeypatch: pytest.MonkeyPatch) 
     """Control: with the device's signature check accepting anything, the forgeries make a
     quorum and every device reveals."""
     monkeypatch.setattr(admission, "admit_consistency", trusting_admit)
-    cohort = Cohort(5, 4, 3)
+    cohort = Cohort(5, 4, 4)
     run = withhold(cohort, forge=True)
     assert all(
         d.left is not None and d.left.outcome is m.Outcome.COMPLETED for d in run.devices.values()

@@ -10,7 +10,7 @@ self-mask seed and mask key and unmasks its single update, with no colluding dev
 Harness: a real cohort through the real handler (moto, events delivered synchronously
 by the hostile corpus's ``Lambda.pump``). The victim and one other member are honest
 devices that hold the operator's public key; the server replaces the identities of
-the three other members (t = 3 of the k + 1 = 5 holders) before formation. The
+four other members (t = 4 of the k + 1 = 6 holders) before formation. The
 honest devices are driven through the device machine's ADVERTISE step by the real
 ``Runner``, which checks certificates before anything is published.
 
@@ -72,7 +72,12 @@ from tests.helpers import TINY, delta_for
 from tests.hostile.test_corpus import Lambda
 
 VICTIM, HONEST = "v0", "h4"
-SWAPPED = ["s1", "s2", "s3"]  # honest devices whose identities the server replaces
+SWAPPED = [
+    "s1",
+    "s2",
+    "s3",
+    "s4",
+]  # honest devices whose identities the server replaces (t of them)
 MEMBERS = sorted([VICTIM, *SWAPPED, HONEST])
 SAMPLES = 10
 CAP = 100  # SECAGG_WEIGHT_CAP
@@ -248,7 +253,7 @@ def test_swapped_identities_rebuild_the_victims_update_without_certificate_check
     store: S3Store, env: pytest.MonkeyPatch
 ) -> None:
     """The attack itself, with the defence off: GIVEN devices that trust the identities the
-    server pins (no operator key) WHEN the server swaps three holders' identities THEN it
+    server pins (no operator key) WHEN the server swaps t = 4 holders' identities THEN it
     rebuilds the victim's single update to within one quantization step."""
     world = World(store)
     sybils = world.swap_identities()
@@ -269,7 +274,7 @@ def test_swapped_identities_rebuild_the_victims_update_without_certificate_check
 def test_honest_devices_refuse_a_cohort_with_an_uncertified_identity(
     store: S3Store, env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
-    """GIVEN devices holding the operator's public key WHEN the server swaps three holders'
+    """GIVEN devices holding the operator's public key WHEN the server swaps four holders'
     identities (identity.json and the config's pins), and for the forged variants also
     replaces their certificates with its own (signed by its own key naming itself, or
     claiming the operator's id), or deletes them THEN the victim and the other honest

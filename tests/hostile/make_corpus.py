@@ -239,7 +239,7 @@ def device_config(cohort: str, *, base_version: int = 0, **params: Any) -> Cohor
     """The (valid) config of a device-side case: d1..d3, all pairs, pinned identities."""
     secagg = {
         "k": 2,
-        "t": 2,
+        "t": 3,  # a strict majority of 3 holders with one colluder (device floor)
         "graph_seed": GRAPH_SEED,
         "clip": 1.0,
         "bits": 30,
@@ -972,7 +972,7 @@ def device_entries() -> Iterator[Entry]:
                 "members": {"d2": "n0001", "d3": "n0001"},
                 "identities": {},
                 "min_members": 2,
-                "params": {**p, "secagg": {**p["secagg"], "k": 1}},
+                "params": {**p, "secagg": {**p["secagg"], "k": 1, "t": 2}},
             }
         ),
         "run_secure_cohort",

@@ -717,7 +717,7 @@ def test_random_drop_draws_once_per_cohort() -> None:
         ({"t": 1}, "threshold t=1 is not a strict majority"),
         ({"t": 2}, "threshold t=2 is not a strict majority"),  # 2 of 4 holders: a tie
         ({"t": 5}, "threshold t=5 is not a strict majority"),  # more than k + 1 holders
-        ({"k": 2, "t": 2}, "degree k=2 is below this device's floor 3"),
+        ({"k": 2, "t": 3}, "degree k=2 is below this device's floor 3"),
     ],
 )
 def test_server_written_parameters_below_the_device_floors_are_refused(

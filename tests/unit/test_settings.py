@@ -36,7 +36,7 @@ def test_from_env_reads_every_variable_by_its_field_type() -> None:
         "server_optimizer": ServerOptimizer.FEDADAM, "server_momentum": 0.5,
         "server_beta1": 0.8, "server_beta2": 0.9, "server_tau": 1e-2,
         "deadline_margin": 2.0, "deadline_min_s": 20.0, "deadline_max_s": 900.0,
-        "deadline_window": 3, "checkins_per_minute": 12,
+        "deadline_window": 3, "checkins_per_minute": 12, "secagg_colluders": 0,
     }  # fmt: skip
     assert set(changed) == set(ServerSettings.env_names())
     env = ServerSettings.env_for(changed)
