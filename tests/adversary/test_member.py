@@ -38,7 +38,6 @@ from fedcore.gateway import Gateway
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Mode, parse_config
 from fedcore.participant import Participant
-from fedcore.secagg import crypto
 from fedcore.secagg.quantize import Quantizer
 from fedcore.server import aggregate, finalize, formation, secure
 from fedcore.server.phases import input_cap
