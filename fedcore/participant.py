@@ -68,8 +68,9 @@ class Participant:
 
     ``signing_key`` is the device's long-term Ed25519 private key (raw 32
     bytes); it signs everything the device publishes, plaintext updates
-    included (a device without one can only read: results, the model). ``mode`` must match the server's: a device never falls back
-    from secure aggregation to plaintext. ``operator_key`` is the operator's
+    included (a device without one can only read: results, the model).
+    ``mode`` must match the server's: a device never falls back from secure
+    aggregation to plaintext. ``operator_key`` is the operator's
     Ed25519 public key that certifies every member's identity.
     """
 
