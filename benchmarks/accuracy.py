@@ -68,6 +68,7 @@ from edge_client.train import TrainSettings, evaluate, train_local
 from fedcore.messages import CohortConfig
 from fedcore.modelspec import num_parameters
 from fedcore.participant import Participant
+from fedcore.secagg import crypto
 from fedcore.storage import ObjectStore
 from fedcore.versions import find_head, load_model, read_meta
 from infra.stack import LocalStack
@@ -196,9 +197,13 @@ class Simulation:
         self.client_ids = [f"client-{i:03d}" for i in range(s.num_clients)]
         # Plaintext mode, explicitly (it is never a fallback): FedAvg's accuracy is the
         # question here, and secure aggregation would add only quantization error.
+        # Each device signs its updates (the function checks them against the pinned key).
         self.participants = {
-            c: Participant(self.store, c, mode="plaintext") for c in self.client_ids
+            c: Participant(self.store, c, mode="plaintext", signing_key=crypto.ed25519_keypair()[0])
+            for c in self.client_ids
         }
+        for p in self.participants.values():
+            p.enroll()
         self.shard_of = {c: parts[i] for i, c in enumerate(self.client_ids)}
         # Independent, seeded streams: client selection, and each device's local shuffling.
         self._select_rng = np.random.default_rng([s.seed, 1])

@@ -280,7 +280,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         store = S3Store.connect(args.bucket, args.endpoint_url, role="device")
     if args.plaintext:
-        participant = Participant(store, args.client_id, mode="plaintext")
+        # Plaintext updates are signed too: the function checks them against the key the
+        # cohort config pins, so the device enrolls as in secure mode.
+        participant = Participant(
+            store, args.client_id, mode="plaintext",
+            signing_key=load_or_create_signing_key(state_dir),
+        )  # fmt: skip
+        if not args.gateway and participant.enroll():
+            say(args.client_id, f"enrolled identity (key in {state_dir})")
     else:
         from fedcore.operator import parse_public
 

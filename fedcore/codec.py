@@ -294,12 +294,19 @@ class UpdateMeta:
     # absent from older objects, and left out of the metadata when None, so an update
     # without it is byte-for-byte what it was before the field existed.
     train_s: float | None = None
+    # sha256 hex of the tensors (``fedcore.secagg.protocol.update_digest``) and the
+    # member's Ed25519 signature over every other field (``sign_update``). None only
+    # before signing: the function refuses an update without them (``verify_update``).
+    digest: str | None = None
+    signature: str | None = None
+
+    def document(self) -> dict[str, Any]:
+        """The ``fedcore`` metadata document: every field, those that are None left out."""
+        doc = asdict(self)
+        return {k: v for k, v in doc.items() if not (k in _OPTIONAL_UPDATE and v is None)}
 
     def to_metadata(self) -> dict[str, str]:
-        doc = asdict(self)
-        if doc["train_s"] is None:
-            del doc["train_s"]
-        return {"format": UPDATE_FORMAT, "fedcore": json.dumps(doc, sort_keys=True)}
+        return {"format": UPDATE_FORMAT, "fedcore": json.dumps(self.document(), sort_keys=True)}
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], *, where: str) -> UpdateMeta:
@@ -325,7 +332,15 @@ class UpdateMeta:
             or not 0 <= out.train_s <= 1e6
         ):
             raise IntegrityError(f"{where}: train_s must be a number of seconds in [0, 1e6]")
+        for name in ("digest", "signature"):
+            if getattr(out, name) is not None and not isinstance(getattr(out, name), str):
+                raise IntegrityError(f"{where}: {name} must be a string")
         return out
+
+
+# Left out of an update's metadata when None, so an unsigned update without ``train_s``
+# is byte-for-byte what it was before these fields existed.
+_OPTIONAL_UPDATE = frozenset({"train_s", "digest", "signature"})
 
 
 def _is_int(value: Any) -> bool:

@@ -127,7 +127,7 @@ class CohortConfig:
     secagg: SecAggParams | None = None
     dp: DistributedDP | None = None  # user-level distributed DP (secagg only)
     staleness_weight: str | None = None  # the FedBuff rule; None: the server's setting
-    # secagg: each member's enrolled Ed25519 public key (b64), pinned at formation,
+    # Each member's enrolled Ed25519 public key (b64), pinned at formation (both modes),
     # so that neither the function nor the devices fetch identities per message.
     identities: dict[str, str] = field(default_factory=dict)
 

@@ -41,7 +41,12 @@ from fedcore.messages import (
     parse_result,
 )
 from fedcore.secagg import crypto
-from fedcore.secagg.protocol import DOMAIN_CHECKIN, encode_identity, parse_identity
+from fedcore.secagg.protocol import (
+    DOMAIN_CHECKIN,
+    encode_identity,
+    parse_identity,
+    sign_update,
+)
 from fedcore.storage import ObjectStore
 from fedcore.versions import load_model
 
@@ -62,9 +67,10 @@ class Participant:
     """One device's view of the bucket.
 
     ``signing_key`` is the device's long-term Ed25519 private key (raw 32
-    bytes); secure aggregation needs it to sign everything the device
-    publishes. ``mode`` must match the server's: a device never falls back
-    from secure aggregation to plaintext. ``operator_key`` is the operator's
+    bytes); it signs everything the device publishes, plaintext updates
+    included (a device without one can only read: results, the model).
+    ``mode`` must match the server's: a device never falls back from secure
+    aggregation to plaintext. ``operator_key`` is the operator's
     Ed25519 public key that certifies every member's identity.
     """
 
@@ -207,16 +213,30 @@ class Participant:
         loss: float,
         train_s: float | None = None,
     ) -> str:
-        """Upload a plaintext update (explicit plaintext mode only); ``train_s``, the seconds
-        local training took, sizes later cohorts' deadlines (None: not reported)."""
+        """Upload a plaintext update (explicit plaintext mode only), signed; ``train_s``, the
+        seconds local training took, sizes later cohorts' deadlines (None: not reported).
+
+        The metadata carries the digest of the float32 tensors and this device's Ed25519
+        signature over both (``sign_update``), as a masked upload does: the function counts
+        the update only if the key the cohort config pins for this member verifies it.
+        """
         if cfg.mode is not Mode.PLAINTEXT:
             raise ValueError(f"cohort {cfg.cohort_id} runs {cfg.mode.value!r}, not plaintext")
-        meta = UpdateMeta(
-            cfg.cohort_id, self.client_id, cfg.base_version, num_samples, float(loss), cfg.mode,
-            None if train_s is None else round(float(train_s), 3),
+        if self.signing_key is None:
+            raise ValueError("a plaintext upload is signed: the device needs its signing key")
+        tensors = {k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}
+        meta = sign_update(
+            UpdateMeta(
+                cfg.cohort_id, self.client_id, cfg.base_version, num_samples, float(loss),
+                cfg.mode, None if train_s is None else round(float(train_s), 3),
+            ),
+            tensors,
+            self.signing_key,
         )  # fmt: skip
         key = layout.member_key(cfg.cohort_id, Kind.PLAIN, self.client_id)
-        self.store.put_new(key, encode_update(delta, meta), content_type="application/octet-stream")
+        self.store.put_new(
+            key, encode_update(tensors, meta), content_type="application/octet-stream"
+        )
         log.info(
             "update uploaded",
             extra={

@@ -795,12 +795,12 @@ def build_devices(
     out = []
     for i, idx in zip(indices, shards, strict=True):
         cid = settings.client_id(i)
-        key = crypto.ed25519_keypair()[0] if settings.mode == "secagg" else None
+        key = crypto.ed25519_keypair()[0]  # plaintext updates are signed too
         p = _Cached(
             store, cid, mode=settings.mode, signing_key=key, models=models, operator_key=operator_pk
         )
-        if key is not None and operator_sk is not None:
-            p.enroll()
+        p.enroll()
+        if operator_sk is not None:
             certify(store, operator_sk, cid, crypto.ed25519_public(key))
         dev = Device(
             p, mnist.train_x[idx], mnist.train_y[idx], train, LoopSettings(),

@@ -68,11 +68,14 @@ def wait_until(cond: Callable[[], bool], timeout_s: float = 30.0, what: str = "c
 _SIGNING_KEYS: dict[str, bytes] = {}
 
 
+def signing_key(client: str) -> bytes:
+    """The test client's Ed25519 private key, one per client id for the whole session."""
+    return _SIGNING_KEYS.setdefault(client, crypto.ed25519_keypair()[0])
+
+
 def participant(store: S3Store, client: str, mode: str = "plaintext") -> Participant:
-    """A device; in secagg mode with a per-client signing key, enrolled in this bucket."""
-    if mode == "plaintext":
-        return Participant(store, client, mode=mode)
-    key = _SIGNING_KEYS.setdefault(client, crypto.ed25519_keypair()[0])
+    """A device with a per-client signing key, enrolled in this bucket (both modes sign)."""
+    key = signing_key(client)
     p = Participant(store, client, mode=mode, signing_key=key)
     p.enroll()
     return p
@@ -123,5 +126,7 @@ __all__ = [
     "connect",
     "delta_for",
     "join_all",
+    "participant",
+    "signing_key",
     "wait_until",
 ]

@@ -12,10 +12,13 @@ import hashlib
 import json
 import math
 import secrets
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from fedcore.codec import load_json_object
+import numpy as np
+
+from fedcore.codec import UpdateMeta, load_json_object
 from fedcore.errors import IntegrityError
 from fedcore.layout import check_id
 from fedcore.secagg import crypto
@@ -29,6 +32,7 @@ DOMAIN_MASKED = "fedcore/v1/secagg/masked"
 DOMAIN_UNMASK = "fedcore/v1/secagg/unmask"
 DOMAIN_CONSISTENCY = "fedcore/v1/secagg/consistency"
 DOMAIN_CERTIFICATE = "fedcore/v1/operator/certificate"
+DOMAIN_PLAIN = "fedcore/v1/plain/update"
 CERTIFICATE_FORMAT = "fedcore.certificate.v1"
 MASKED_FORMAT = "fedcore.masked.v1"
 MASKED_TENSOR = "masked"
@@ -453,6 +457,51 @@ def _train_s(value: Any, where: str) -> float | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1e6:
         raise IntegrityError(f"{where}: train_s must be a number of seconds in [0, 1e6]")
     return float(value)
+
+
+# -- plaintext uploads (explicit plaintext mode): the same signed digest ---------------
+
+
+def update_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 hex of a plaintext update's tensors, as float32, the one definition both
+    the device (before it signs) and the function (before it counts) compute.
+
+    Names, shapes and bytes are framed in sorted-name order, so two same-shaped tensors
+    whose data offsets were swapped in the header digest differently, though the data
+    buffer is byte-for-byte the same.
+    """
+    h = hashlib.sha256(b"fedcore/v1/plain/tensors\n")
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], dtype="<f4")
+        h.update(json.dumps([name, "F32", list(a.shape)]).encode() + b"\n")
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def sign_update(
+    meta: UpdateMeta, tensors: Mapping[str, np.ndarray], signing_key: bytes
+) -> UpdateMeta:
+    """``meta`` with the tensors' digest and the member's Ed25519 signature over every
+    metadata field (digest included) under ``DOMAIN_PLAIN``, as a masked upload is signed."""
+    signed = replace(meta, digest=update_digest(tensors), signature=None)
+    return replace(signed, signature=crypto.sign(signing_key, DOMAIN_PLAIN, signed.document()))
+
+
+def verify_update(
+    meta: UpdateMeta, tensors: Mapping[str, np.ndarray], *, identity: bytes, where: str
+) -> None:
+    """Raise ``IntegrityError`` unless the member ``identity`` (its pinned Ed25519 key)
+    signed these metadata fields and exactly these tensors.
+
+    Security: without it a flipped bit, or a rewrite by anyone who can put the object,
+    is averaged in (within the clip). Call it after the metadata's cohort, client and base
+    version were checked against the slot, so a replay reads as one.
+    """
+    if meta.signature is None or meta.digest is None:
+        raise IntegrityError(f"{where}: unsigned plaintext update (no digest or signature)")
+    crypto.verify(identity, DOMAIN_PLAIN, meta.document(), where=where)
+    if update_digest(tensors) != meta.digest:
+        raise IntegrityError(f"{where}: data does not match its signed digest (tampered)")
 
 
 # -- round 3b: ConsistencyCheck (Bonawitz et al. 2017, section 4, malicious model) ----

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,8 +26,9 @@ from fedcore.storage import ObjectStore
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Raises IntegrityError/ProtocolError if the update's metadata contradicts its key or cohort.
-MetaCheck = Callable[[str, UpdateMeta], None]
+# Raises IntegrityError/ProtocolError if the update's metadata contradicts its key or cohort,
+# or its signature does not cover exactly these tensors: (client, metadata, tensors).
+MetaCheck = Callable[[str, UpdateMeta, Mapping[str, np.ndarray]], None]
 
 
 def stream_objects(
@@ -104,7 +105,7 @@ def weighted_mean(
 
     def parse(client: str, key: str, blob: bytes) -> tuple[dict[str, np.ndarray], UpdateMeta]:
         delta, meta = decode_update(blob, where=key, schema=schema)
-        check(client, meta)
+        check(client, meta, delta)
         return delta, meta
 
     def fold(client: str, key: str, fut: Future[tuple[int, Any]]) -> None:

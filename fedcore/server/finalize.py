@@ -5,7 +5,8 @@
                sum + verified s_pk/commitments + unmask reveals --> unmasked sum
                --> weighted mean, or under user-level DP the unweighted mean of
                    clipped, noised deltas (Kairouz et al. 2021, distributed DP)
-    plaintext: uploads --(check metadata, sample-weighted mean)--> mean
+    plaintext: uploads --(check metadata, signature and digest; clipped, capped,
+               sample-weighted mean)--> mean
     then:      global/v{N+1} + latest.json (apply: the version is the commit)
                state/result.json            (record: written after the commit)
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,7 @@ from fedcore.metrics import (
     MetricSink,
 )
 from fedcore.secagg import admission, crypto
-from fedcore.secagg.protocol import ConsistencyMsg, MaskedMeta
+from fedcore.secagg.protocol import ConsistencyMsg, MaskedMeta, verify_update
 from fedcore.server import deadlines, phases, secure
 from fedcore.server.aggregate import weighted_mean
 from fedcore.server.apply import apply_cohort, find_applied
@@ -232,7 +233,7 @@ class Finalizer:
         """FedAvg's sample-weighted mean of the counted members' plaintext updates."""
         cid = cfg.cohort_id
 
-        def check(client: str, meta: UpdateMeta) -> None:
+        def check(client: str, meta: UpdateMeta, delta: Mapping[str, np.ndarray]) -> None:
             where = layout.member_key(cid, Kind.PLAIN, client)
             if meta.cohort_id != cid:
                 raise IntegrityError(
@@ -246,8 +247,14 @@ class Finalizer:
                 )
             if meta.mode != cfg.mode:
                 raise IntegrityError(f"{where}: mode {meta.mode!r}, cohort's is {cfg.mode.value!r}")
+            # Last, so that a replay or a misplaced update reads as one: the member's pinned
+            # key must have signed these fields and exactly these tensors.
+            verify_update(
+                meta, delta, identity=self.cache.member_identity(cfg, client), where=where
+            )
 
         keys = [(c, layout.member_key(cid, Kind.PLAIN, c)) for c in manifest.members]
+        self.cache.prefetch_identities(cfg, list(manifest.members))
         clip = self.plaintext_clip(schema)
         mean = weighted_mean(
             self.store, keys, schema=schema, check=check,

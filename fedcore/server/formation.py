@@ -161,11 +161,9 @@ class Formation:
             # The noise is sized for expected_survivors: fewer would release a larger
             # epsilon than the config promises, so they abort instead (nothing released).
             min_members = max(min_members, dp.expected_survivors)
-        identities = (
-            {w.client_id: crypto.b64(self.cache.identity(w.client_id)) for w in chosen}
-            if mode is Mode.SECAGG
-            else {}
-        )
+        # Pinned in both modes: a plaintext update is signed like a masked one, and the
+        # function checks it against the key pinned here (``verify_update``).
+        identities = {w.client_id: crypto.b64(self.cache.identity(w.client_id)) for w in chosen}
         return CohortConfig(
             identities=identities,
             cohort_id=cid,
@@ -249,14 +247,15 @@ class Formation:
                 raise IntegrityError(
                     f"{w.key}: mode {msg.mode!r} but the server runs {mode.value!r}"
                 )
-            if mode is Mode.SECAGG:
-                doc = {k: v for k, v in asdict(msg).items() if k != "signature"}
-                crypto.verify(
-                    self.cache.identity(w.client_id),
-                    DOMAIN_CHECKIN,
-                    {**doc, "signature": msg.signature},
-                    where=w.key,
-                )
+            # Both modes: only an enrolled device that signs joins a cohort, so the config
+            # can pin every member's key (plaintext updates are signed too).
+            doc = {k: v for k, v in asdict(msg).items() if k != "signature"}
+            crypto.verify(
+                self.cache.identity(w.client_id),
+                DOMAIN_CHECKIN,
+                {**doc, "signature": msg.signature},
+                where=w.key,
+            )
             return True
         except NotFoundError:
             return False

@@ -38,7 +38,6 @@ from fedcore.gateway import Gateway
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Mode, parse_config
 from fedcore.participant import Participant
-from fedcore.secagg import crypto
 from fedcore.secagg.quantize import Quantizer
 from fedcore.server import aggregate, finalize, formation, secure
 from fedcore.server.phases import input_cap
@@ -48,7 +47,7 @@ from fedcore.versions import find_head, load_model, read_schema
 from functions.gateway import app
 from infra.gateway_server import GatewayServer, build_event
 from infra.pump import LocalContext
-from tests.helpers import TINY, delta_for, participant
+from tests.helpers import TINY, delta_for, participant, signing_key
 from tests.hostile import test_bounds as bounds
 from tests.hostile.test_bounds import CAP, MEMBERS, form, l2, run_secagg
 from tests.hostile.test_corpus import Lambda
@@ -111,6 +110,7 @@ OFF_SWITCHES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "digest": lambda mp: mp.setattr(
         secure, "hashlib", types.SimpleNamespace(sha256=_digest_of_what_was_signed)
     ),
+    "plain_digest": lambda mp: mp.setattr(finalize, "verify_update", lambda *a, **kw: None),
     "schema_size": lambda mp: mp.setattr(
         Gateway, "size_limit", lambda self, key: access.size_limit(key)
     ),
@@ -250,26 +250,51 @@ def test_masked_upload_with_a_flipped_bit_is_rejected(
     ), why
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plaintext uploads carry no signed digest yet (issue 13 item 4): a flipped bit "
-    "is averaged in, within the clip",
-)
-def test_plaintext_upload_with_a_flipped_bit_is_rejected(
+def _plaintext_flip(
     store: S3Store, env: pytest.MonkeyPatch
-) -> None:
-    """GIVEN one bit of a plaintext update flipped after the member encoded it THEN it is
-    rejected as tampered, and the other two apply. (No defence today: xfail, strict, so
-    the marker goes when a signed digest lands.)"""
+) -> tuple[CohortConfig, dict[str, Participant]]:
+    """A plaintext cohort of a, b and victim; victim's update gets one bit flipped after it
+    was encoded and signed (the lowest bit of its first float: well within the clip)."""
     lam, cfg, devs = form(store, env, ["a", "b", "victim"], "plaintext", 2)
     for c in ("a", "b"):
         devs[c].upload_plain(cfg, delta_for(c), num_samples=10, loss=0.5)
     _flip_in_transit(env, "/plain/victim.safetensors", _flip_first_data_bit)
     devs["victim"].upload_plain(cfg, delta_for("victim"), num_samples=10, loss=0.5)
     lam.pump()
+    return cfg, devs
+
+
+def test_plaintext_upload_with_a_flipped_bit_is_rejected(
+    store: S3Store, env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defence ``plain_digest``. GIVEN one bit of victim's plaintext update flipped after
+    victim signed it THEN the update is rejected as tampered (logged with the object and
+    the reason, and in the result's ``rejected``), and the other two apply."""
+    with caplog.at_level(logging.INFO):
+        cfg, devs = _plaintext_flip(store, env)
     res = devs["a"].result(cfg.cohort_id)
     assert res is not None and res.status == "applied", res
-    assert res.included == ["a", "b"] and "victim" in res.rejected, res
+    assert res.included == ["a", "b"], res
+    assert "signed digest" in res.rejected.get("victim", ""), res.rejected
+    why = _records(caplog, "update rejected; treated as a dropout")
+    assert any(
+        r.get("client_id") == "victim"
+        and r.get("key", "").endswith("/plain/victim.safetensors")
+        and "does not match its signed digest (tampered)" in r.get("reason", "")
+        for r in why
+    ), why
+
+
+def test_plaintext_upload_with_a_flipped_bit_without_the_defence(
+    store: S3Store, env: pytest.MonkeyPatch
+) -> None:
+    """Control: with the function's signature check switched off (here, by monkeypatch; the
+    product has no switch) the flipped update is averaged in, victim counted."""
+    OFF_SWITCHES["plain_digest"](env)
+    cfg, devs = _plaintext_flip(store, env)
+    res = devs["a"].result(cfg.cohort_id)
+    assert res is not None and res.status == "applied", res
+    assert res.included == ["a", "b", "victim"] and not res.rejected, res
 
 
 def test_an_input_url_larger_than_the_model_allows_is_refused(
@@ -417,7 +442,7 @@ class GatewayDevice:
 
     def __init__(self, store: S3Store, client: str) -> None:
         self.client = client
-        self.key = crypto.ed25519_keypair()[0]
+        self.key = signing_key(client)  # the key the client's device enrolled, if it did
         Participant(store, client, mode="secagg", signing_key=self.key).enroll()
 
     def ask(
@@ -545,7 +570,7 @@ def test_a_device_cannot_list_or_read_another_devices_cohort(
     # Discovery through the policy: x's own cohort is found past the one it may not read.
     parts = {c: participant(store, c, "plaintext") for c in ("x", "y", "z")}
     seen = PolicyStore(store, "x", app.gateway())
-    parts["x"] = Participant(seen, "x", mode="plaintext")  # type: ignore[arg-type]
+    parts["x"] = Participant(seen, "x", mode="plaintext", signing_key=signing_key("x"))  # type: ignore[arg-type]
     ticket = parts["x"].check_in(0)
     ticket = dataclasses.replace(ticket, cursor=None)  # look from the first cohort on
     for c in ("y", "z"):

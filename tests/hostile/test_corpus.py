@@ -150,23 +150,15 @@ def logged(caplog: pytest.LogCaptureFixture, entry: dict[str, Any]) -> logging.L
 
 
 def participants(store: S3Store, mode: str, group: str) -> dict[str, Participant]:
-    """The group's secagg devices, enrolled (deterministic keys, as the corpus was signed)."""
-    if mode == "plaintext":
-        return {}
+    """The group's devices, enrolled (deterministic keys, as the corpus was signed)."""
     clients = {c for p in MANIFEST["groups"][group]["cohorts"] for c in p["honest"]}
     clients |= {e["client_id"] for e in ENTRIES if e["group"] == group}
     out = {}
     for c in sorted(clients & set(MANIFEST["enrolled"])):
-        p = Participant(store, c, mode="secagg", signing_key=mc.signing_key(c))
+        p = Participant(store, c, mode=mode, signing_key=mc.signing_key(c))
         p.enroll()
         out[c] = p
     return out
-
-
-def participant(parts: dict[str, Participant], store: S3Store, client: str, mode: str) -> Participant:  # fmt: skip
-    if mode == "plaintext":
-        return Participant(store, client, mode="plaintext")
-    return parts[client]
 
 
 def form(store: S3Store, lam: Lambda, env: pytest.MonkeyPatch, members: list[str], mode: str, parts: dict[str, Participant], riders: list[dict[str, Any]], base: int):  # type: ignore[no-untyped-def]  # fmt: skip
@@ -178,7 +170,7 @@ def form(store: S3Store, lam: Lambda, env: pytest.MonkeyPatch, members: list[str
     for e in riders:
         if e["role"] == "checkin":
             store.put_new(e["key"], body(e))
-    devs = {c: participant(parts, store, c, mode) for c in members}
+    devs = {c: parts[c] for c in members}
     tickets = {c: p.check_in(base) for c, p in devs.items()}
     lam.pump()
     cfgs = {c: devs[c].find_cohort(tickets[c])[0] for c in members}

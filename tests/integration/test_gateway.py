@@ -310,8 +310,11 @@ def _result(store: S3Store, cid: str):  # type: ignore[no-untyped-def]
 def test_plaintext_cohort_with_gateway_only_devices(s3_endpoint: str, store: S3Store) -> None:
     with make_stack(s3_endpoint, store, "plaintext") as st:
         clients = ["pa", "pb", "pc"]
-        stores = {c: enrolled(st, store, c)[0] for c in clients}
-        devs = {c: Participant(stores[c], c, mode="plaintext") for c in clients}
+        pairs = {c: enrolled(st, store, c) for c in clients}
+        stores = {c: s for c, (s, _) in pairs.items()}
+        devs = {
+            c: Participant(s, c, mode="plaintext", signing_key=k) for c, (s, k) in pairs.items()
+        }
         cid = _join(devs)
         cfg = parse_config(store.get(layout.config_key(cid)).body, where=cid)
         for c, p in devs.items():

@@ -19,11 +19,10 @@ from fedcore import layout
 from fedcore.events import build_record, scheduled_event
 from fedcore.layout import Phase
 from fedcore.messages import CohortConfig
-from fedcore.participant import Participant
 from fedcore.storage import S3Store
 from fedcore.versions import read_pointer, seed
 from infra.pump import LocalContext
-from tests.helpers import TINY, delta_for
+from tests.helpers import TINY, delta_for, participant
 
 # metric -> (unit, dimension "service" of the function that emits it in this scenario)
 EXPECTED = {
@@ -94,7 +93,7 @@ def test_a_cohort_lifecycle_emits_every_dashboard_metric(
     from functions.sweeper.app import handler as sweeper
 
     capsys.readouterr()
-    devices = {c: Participant(env, c, mode="plaintext") for c in "abcdef"}
+    devices = {c: participant(env, c) for c in "abcdef"}  # enrolled: plaintext signs too
     tickets = {c: p.check_in(0) for c, p in devices.items()}
     out = aggregator({"Records": [record_for(env, tickets["f"].key)]}, LocalContext("aggregator"))
     assert out["outcomes"] == {tickets["f"].key: "formed"}

@@ -29,6 +29,7 @@ from tests.helpers import (
     both_backends,
     delta_for,
     join_all,
+    participant,
     wait_until,
 )
 
@@ -73,9 +74,7 @@ def stack_factory(s3_endpoint: str, store: S3Store, notifications):  # type: ign
 
 
 def upload(store: S3Store, client: str, cfg, n: int = 10) -> None:  # type: ignore[no-untyped-def]
-    Participant(store, client, mode="plaintext").upload_plain(
-        cfg, delta_for(client), num_samples=n, loss=0.5
-    )
+    participant(store, client).upload_plain(cfg, delta_for(client), num_samples=n, loss=0.5)
 
 
 @both_backends
@@ -198,9 +197,7 @@ def test_hostile_and_late_uploads_are_rejected_and_cohort_completes(
     from dataclasses import replace
 
     liar = replace(cfg, base_version=cfg.base_version + 5)
-    Participant(store, "c", mode="plaintext").upload_plain(
-        liar, delta_for("c"), num_samples=10, loss=0.1
-    )
+    participant(store, "c").upload_plain(liar, delta_for("c"), num_samples=10, loss=0.1)
     store.put_new(layout.member_key(cfg.cohort_id, layout.Kind.PLAIN, "zz"), b"\x00" * 12)
     wait_until(
         lambda: Participant(store, "a", mode="plaintext").result(cfg.cohort_id) is not None,
@@ -252,7 +249,7 @@ def test_crash_between_commit_and_pointer_is_recovered(store: S3Store) -> None:
 
 
 def join_all_direct(store: S3Store, coord: Coordinator, clients: list[str]):  # type: ignore[no-untyped-def]
-    parts = {c: Participant(store, c, mode="plaintext") for c in clients}
+    parts = {c: participant(store, c) for c in clients}
     tickets = {c: p.check_in(0) for c, p in parts.items()}
     coord.form_cohorts()
     return {c: parts[c].find_cohort(tickets[c])[0] for c in clients}
@@ -272,7 +269,7 @@ def test_formation_from_a_stale_view_never_reuses_a_taken_checkin(
     # A dies before deleting the check-ins it took (B, holding a stale view, forms nothing).
     monkeypatch.setattr(formation, "delete_checkins", lambda store, cfg: None)
     for c in "wxyz":
-        Participant(store, c, mode="plaintext").check_in(0)
+        participant(store, c).check_in(0)
     stale = b.formation.waiting
     calls = {"n": 0}
 

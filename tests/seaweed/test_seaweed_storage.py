@@ -7,10 +7,10 @@ contract itself runs on both servers in tests/integration/test_storage_s3.py.
 from __future__ import annotations
 
 from fedcore import layout
-from fedcore.participant import Participant
 from fedcore.server.coordinator import Coordinator
 from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
+from tests.helpers import participant
 from tests.integration.test_protocol import tiny_seed
 
 
@@ -20,8 +20,8 @@ def test_emptied_folder_stays_listed_and_cohort_discovery_looks_past_it(store: S
     through objects), formation counts it when picking the next id, and the device
     still finds the cohort formed after it."""
     tiny_seed(store)
-    device = Participant(store, "a", mode="plaintext")
-    tickets = {"a": device.check_in(0), "b": Participant(store, "b", mode="plaintext").check_in(0)}
+    device = participant(store, "a")  # enrolled: formation checks signed check-ins
+    tickets = {"a": device.check_in(0), "b": participant(store, "b").check_in(0)}
     stray = layout.COHORTS_PREFIX + layout.cohort_id(1) + "/"
     store.put_new(stray + "junk", b"x")
     store.delete(stray + "junk")

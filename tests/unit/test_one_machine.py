@@ -27,10 +27,12 @@ from fedcore.errors import AlreadyExistsError, NotFoundError
 from fedcore.layout import Kind
 from fedcore.messages import CohortConfig, Mode, Pointer
 from fedcore.participant import Participant
+from fedcore.secagg import crypto
 from fedcore.storage import ObjectInfo, StoredObject
 from sim.worker import SimDevice, SimSettings, Worker, _ModelCache
 
 ROOT = Path(__file__).resolve().parents[2]
+KEY = crypto.ed25519_keypair()[0]  # plaintext updates are signed
 
 
 class DictStore:
@@ -120,7 +122,7 @@ def test_simulator_worker_and_blocking_loop_both_step_the_machine(
     devices = [
         SimDevice(i, c, np.arange(1), p, SyntheticDevice(synthetic))
         for i, c in enumerate(settings.client_id(i) for i in range(2))
-        for p in [Participant(store, c, mode="plaintext")]  # type: ignore[arg-type]
+        for p in [Participant(store, c, mode="plaintext", signing_key=KEY)]  # type: ignore[arg-type]
     ]
     events: list[dict[str, Any]] = []
     worker = Worker(store, settings, devices, models=_ModelCache(store), report=events.append)  # type: ignore[arg-type]
@@ -148,7 +150,7 @@ def test_simulator_worker_and_blocking_loop_both_step_the_machine(
 
     # AND the blocking loop plays the same cohort for a device through the same step
     store.objects.clear()
-    p = Participant(store, "t-0000", mode="plaintext")  # type: ignore[arg-type]
+    p = Participant(store, "t-0000", mode="plaintext", signing_key=KEY)  # type: ignore[arg-type]
     state = run_cohort(p, cfg, synthetic)
     assert state.outcome is Outcome.COMPLETED
     assert counted_step.count("loop") >= 3  # admission, trained, written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from fedcore.codec import UpdateMeta, decode_update, encode_update
 from fedcore.errors import IntegrityError
 from fedcore.secagg import crypto, shamir
 from fedcore.secagg.graph import (
@@ -22,6 +24,7 @@ from fedcore.secagg.graph import (
     neighbours,
 )
 from fedcore.secagg.masking import mask_input, remove_masks
+from fedcore.secagg.protocol import sign_update, verify_update
 from fedcore.secagg.quantize import Quantizer, bits_for
 
 # Chi-square critical value for 255 degrees of freedom at the 1% level.
@@ -205,6 +208,34 @@ def test_signatures_detect_any_change() -> None:
             crypto.verify(pk, "keys", tampered, where="t")
     with pytest.raises(IntegrityError):
         crypto.verify(pk, "shares", msg, where="t")  # domain separation
+
+
+@given(bit=st.integers(0, 8 * 4 * 35 - 1), data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_signed_plaintext_update_detects_any_flipped_bit(bit: int, data: st.DataObject) -> None:
+    """GIVEN a plaintext update signed by its member, encoded and decoded as on the wire
+    THEN it verifies against the member's key, and not against another key; AND WHEN any one
+    bit of its tensor data, or one signed field, changes THEN it no longer verifies."""
+    sk, pk = crypto.ed25519_keypair()
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    delta = {"w": rng.normal(size=(6, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
+    meta = sign_update(UpdateMeta("c00000001", "a", 0, 10, 0.5), delta, sk)
+    blob = encode_update(delta, meta)
+    schema = {"w": ("F32", (6, 5)), "b": ("F32", (5,))}
+    got, parsed = decode_update(blob, where="k", schema=schema)
+    verify_update(parsed, got, identity=pk, where="k")
+    with pytest.raises(IntegrityError, match="bad signature"):
+        verify_update(parsed, got, identity=crypto.ed25519_keypair()[1], where="k")
+    with pytest.raises(IntegrityError, match="bad signature"):
+        verify_update(dataclasses.replace(parsed, num_samples=11), got, identity=pk, where="k")
+    with pytest.raises(IntegrityError, match="unsigned"):
+        verify_update(dataclasses.replace(parsed, signature=None), got, identity=pk, where="k")
+    flipped = {k: np.array(v) for k, v in got.items()}
+    words = np.concatenate([flipped[k].reshape(-1) for k in sorted(flipped)]).view(np.uint32)
+    words[bit // 32] ^= np.uint32(1 << (bit % 32))
+    flipped = {"b": words[:5].view(np.float32), "w": words[5:].view(np.float32).reshape(6, 5)}
+    with pytest.raises(IntegrityError, match="signed digest"):
+        verify_update(parsed, flipped, identity=pk, where="k")
 
 
 @given(st.data())
