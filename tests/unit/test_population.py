@@ -23,7 +23,7 @@ from fedcore.messages import CohortConfig, Pointer
 from fedcore.participant import Participant
 from sim.population import ALWAYS_ONLINE, Population, describe
 from sim.worker import SimDevice, SimSettings, Worker, _ModelCache, _Slowed
-from tests.unit.test_one_machine import DictStore, plain_config
+from tests.unit.test_one_machine import KEY, DictStore, plain_config
 
 TRAIN_S = 2.0  # what each synthetic training takes on the test's clock
 
@@ -136,7 +136,13 @@ def make_worker(
     )
     trainer = Trainer(clock)
     devices = [
-        SimDevice(i, c, np.arange(1), Participant(store, c, mode="plaintext"), trainer.device(c))  # type: ignore[arg-type]
+        SimDevice(
+            i,
+            c,
+            np.arange(1),
+            Participant(store, c, mode="plaintext", signing_key=KEY),
+            trainer.device(c),
+        )  # type: ignore[arg-type]
         for i, c in enumerate(settings.client_id(i) for i in range(n))
     ]
     events: list[dict[str, Any]] = []
