@@ -130,3 +130,24 @@ __all__ = [
     "signing_key",
     "wait_until",
 ]
+
+
+def function_env(
+    monkeypatch: pytest.MonkeyPatch, store: S3Store, s3_endpoint: str, **settings: str
+) -> pytest.MonkeyPatch:
+    """The environment a handler test's functions read: the code's defaults (a LocalStack
+    earlier in the process may have left its settings), this bucket, deadlines far away
+    (events drive the rounds) and ``settings`` (env name -> value) on top; the TINY model
+    seeded at version 0."""
+    from fedcore.server.settings import ServerSettings
+    from fedcore.versions import seed
+
+    for var in ServerSettings.env_names().values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("BUCKET", store.bucket)
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_endpoint)
+    far = {"ROUND_DEADLINE_S": "600", "SHORT_ROUND_S": "600", "CHECKIN_WAIT_S": "600"}
+    for name, value in {**far, "STUCK_AFTER_S": "600", **settings}.items():
+        monkeypatch.setenv(name, value)
+    seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
+    return monkeypatch

@@ -65,10 +65,9 @@ from fedcore.secagg.protocol import (
     parse_keys,
     parse_shares,
 )
-from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
-from fedcore.versions import find_head, seed
-from tests.helpers import TINY, delta_for
+from fedcore.versions import find_head
+from tests.helpers import TINY, delta_for, function_env
 from tests.hostile.test_corpus import Lambda
 
 VICTIM, HONEST = "v0", "h4"
@@ -86,18 +85,10 @@ CAP = 100  # SECAGG_WEIGHT_CAP
 @pytest.fixture
 def env(store: S3Store, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """A secure cohort of the five members; deadlines far away (events drive it)."""
-    for var in ServerSettings.env_names().values():
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("BUCKET", store.bucket)
-    monkeypatch.setenv("S3_ENDPOINT_URL", s3_endpoint)
-    for name, value in {
-        "ROUND_DEADLINE_S": "600", "SHORT_ROUND_S": "600", "CHECKIN_WAIT_S": "600",
-        "SECAGG_WEIGHT_CAP": str(CAP), "STUCK_AFTER_S": "600", "AGGREGATION_MODE": "secagg",
-        "COHORT_SIZE": str(len(MEMBERS)), "MIN_COHORT_SIZE": "3",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
-    return monkeypatch
+    return function_env(
+        monkeypatch, store, s3_endpoint, SECAGG_WEIGHT_CAP=str(CAP), AGGREGATION_MODE="secagg",
+        COHORT_SIZE=str(len(MEMBERS)), MIN_COHORT_SIZE="3",
+    )  # fmt: skip
 
 
 @pytest.fixture

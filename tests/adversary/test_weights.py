@@ -43,11 +43,10 @@ from fedcore.secagg.quantize import Quantizer
 from fedcore.secure_round import SecureRound
 from fedcore.server import secure
 from fedcore.server.finalize import declared_samples
-from fedcore.server.settings import ServerSettings
 from fedcore.server.vocabulary import CohortAborted
 from fedcore.storage import S3Store
-from fedcore.versions import find_head, read_meta, seed
-from tests.helpers import TINY, delta_for
+from fedcore.versions import find_head, read_meta
+from tests.helpers import TINY, delta_for, function_env
 from tests.hostile.test_corpus import Lambda
 
 CAP = 100  # SECAGG_WEIGHT_CAP
@@ -59,18 +58,10 @@ SAMPLES = {"w0": 10, "w1": 20, "w2": 30, "w3": 40, "w4": 10}
 @pytest.fixture
 def env(store: S3Store, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """A secure cohort of the five members, no user-level DP; deadlines far away."""
-    for var in ServerSettings.env_names().values():
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("BUCKET", store.bucket)
-    monkeypatch.setenv("S3_ENDPOINT_URL", s3_endpoint)
-    for name, value in {
-        "ROUND_DEADLINE_S": "600", "SHORT_ROUND_S": "600", "CHECKIN_WAIT_S": "600",
-        "SECAGG_WEIGHT_CAP": str(CAP), "STUCK_AFTER_S": "600", "AGGREGATION_MODE": "secagg",
-        "COHORT_SIZE": str(len(MEMBERS)), "MIN_COHORT_SIZE": "3",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
-    return monkeypatch
+    return function_env(
+        monkeypatch, store, s3_endpoint, SECAGG_WEIGHT_CAP=str(CAP), AGGREGATION_MODE="secagg",
+        COHORT_SIZE=str(len(MEMBERS)), MIN_COHORT_SIZE="3",
+    )  # fmt: skip
 
 
 @pytest.fixture

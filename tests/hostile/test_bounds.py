@@ -32,8 +32,8 @@ from fedcore.secure_round import SecureRound
 from fedcore.server.coordinator import Coordinator
 from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
-from fedcore.versions import find_head, load_model, seed
-from tests.helpers import TINY, delta_for, participant
+from fedcore.versions import find_head, load_model
+from tests.helpers import TINY, delta_for, function_env, participant
 from tests.hostile.test_corpus import Lambda
 
 CAP = 100  # SECAGG_WEIGHT_CAP
@@ -41,19 +41,7 @@ CAP = 100  # SECAGG_WEIGHT_CAP
 
 @pytest.fixture
 def env(store: S3Store, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    # Start from the code's defaults: a LocalStack earlier in the session leaves its
-    # settings (DP_USER_NOISE, say) in os.environ.
-    for var in ServerSettings.env_names().values():
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("BUCKET", store.bucket)
-    monkeypatch.setenv("S3_ENDPOINT_URL", s3_endpoint)
-    for name, value in {
-        "ROUND_DEADLINE_S": "600", "SHORT_ROUND_S": "600", "CHECKIN_WAIT_S": "600",
-        "SECAGG_WEIGHT_CAP": str(CAP), "STUCK_AFTER_S": "600",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
-    return monkeypatch
+    return function_env(monkeypatch, store, s3_endpoint, SECAGG_WEIGHT_CAP=str(CAP))
 
 
 @pytest.fixture
