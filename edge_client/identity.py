@@ -20,19 +20,4 @@ def default_state_dir(client_id: str) -> Path:
 
 
 def load_or_create_signing_key(state_dir: Path) -> bytes:
-    path = state_dir / "identity.ed25519"
-    if path.exists():
-        raw = path.read_bytes()
-        if len(raw) != 32:
-            raise ValueError(
-                f"{path}: expected a 32-byte Ed25519 private key, found {len(raw)} bytes"
-            )
-        return raw
-    state_dir.mkdir(parents=True, exist_ok=True)
-    private, _ = crypto.ed25519_keypair()
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private)
-    os.replace(tmp, path)
-    return private
+    return crypto.load_or_create_ed25519(state_dir / "identity.ed25519")

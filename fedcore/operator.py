@@ -43,19 +43,10 @@ def default_operator_dir() -> Path:
 def load_or_create_operator_key(directory: Path) -> bytes:
     """The operator's raw 32-byte Ed25519 private key, created (0600, atomically) if absent."""
     path = directory / KEY_FILE
-    if path.exists():
-        raw = path.read_bytes()
-        if len(raw) != 32:
-            raise ValueError(f"{path}: expected a 32-byte Ed25519 private key, found {len(raw)}")
-        return raw
-    directory.mkdir(parents=True, exist_ok=True)
-    private, _ = crypto.ed25519_keypair()
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private)
-    os.replace(tmp, path)
-    log.info("operator key created", extra={"path": str(path)})
+    created = not path.exists()
+    private = crypto.load_or_create_ed25519(path)
+    if created:
+        log.info("operator key created", extra={"path": str(path)})
     return private
 
 

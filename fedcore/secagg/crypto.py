@@ -24,6 +24,7 @@ import base64
 import functools
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -226,3 +227,26 @@ def add_masks(y: np.ndarray, terms: list[tuple[int, bytes]]) -> np.ndarray:
             else:
                 part -= ks
     return y
+
+
+def load_or_create_ed25519(path: Path) -> bytes:
+    """The raw 32-byte Ed25519 private key in ``path``, created (0600, atomically) if absent.
+
+    One key file format for the device's identity and the operator's certifying key: a
+    half-written file must never be read back as a key, hence the rename.
+    """
+    if path.exists():
+        raw = path.read_bytes()
+        if len(raw) != 32:
+            raise ValueError(
+                f"{path}: expected a 32-byte Ed25519 private key, found {len(raw)} bytes"
+            )
+        return raw
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private, _ = ed25519_keypair()
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private)
+    os.replace(tmp, path)
+    return private
