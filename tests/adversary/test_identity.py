@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -68,15 +67,14 @@ from fedcore.secagg.protocol import (
 from fedcore.storage import S3Store
 from fedcore.versions import find_head
 from tests.helpers import TINY, delta_for, function_env
+from tests.hostile import test_corpus as corpus
 from tests.hostile.test_corpus import Lambda
 
+caplog = corpus.caplog  # the fixture: pytest's caplog, also fed by fedcore's loggers
+
 VICTIM, HONEST = "v0", "h4"
-SWAPPED = [
-    "s1",
-    "s2",
-    "s3",
-    "s4",
-]  # honest devices whose identities the server replaces (t of them)
+# honest devices whose identities the server replaces (t of them)
+SWAPPED = ["s1", "s2", "s3", "s4"]
 MEMBERS = sorted([VICTIM, *SWAPPED, HONEST])
 SAMPLES = 10
 CAP = 100  # SECAGG_WEIGHT_CAP
@@ -89,17 +87,6 @@ def env(store: S3Store, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> py
         monkeypatch, store, s3_endpoint, SECAGG_WEIGHT_CAP=str(CAP), AGGREGATION_MODE="secagg",
         COHORT_SIZE=str(len(MEMBERS)), MIN_COHORT_SIZE="3",
     )  # fmt: skip
-
-
-@pytest.fixture
-def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog fed by ``fedcore``'s loggers (the handler stops their propagation)."""
-    fed = logging.getLogger("fedcore")
-    fed.addHandler(caplog.handler)
-    try:
-        yield caplog
-    finally:
-        fed.removeHandler(caplog.handler)
 
 
 class World:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,10 @@ from fedcore.server.vocabulary import CohortAborted
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, read_meta
 from tests.helpers import TINY, delta_for, function_env
+from tests.hostile import test_corpus as corpus
 from tests.hostile.test_corpus import Lambda
+
+caplog = corpus.caplog  # the fixture: pytest's caplog, also fed by fedcore's loggers
 
 CAP = 100  # SECAGG_WEIGHT_CAP
 MEMBERS = ["w0", "w1", "w2", "w3", "w4"]
@@ -62,17 +65,6 @@ def env(store: S3Store, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> py
         monkeypatch, store, s3_endpoint, SECAGG_WEIGHT_CAP=str(CAP), AGGREGATION_MODE="secagg",
         COHORT_SIZE=str(len(MEMBERS)), MIN_COHORT_SIZE="3",
     )  # fmt: skip
-
-
-@pytest.fixture
-def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog fed by ``fedcore``'s loggers (the handler stops their propagation)."""
-    fed = logging.getLogger("fedcore")
-    fed.addHandler(caplog.handler)
-    try:
-        yield caplog
-    finally:
-        fed.removeHandler(caplog.handler)
 
 
 Forge = Callable[[np.ndarray, Quantizer], np.ndarray]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,10 @@ from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
 from fedcore.versions import find_head, load_model
 from tests.helpers import TINY, delta_for, function_env, participant
+from tests.hostile import test_corpus as corpus
 from tests.hostile.test_corpus import Lambda
+
+caplog = corpus.caplog  # the fixture: pytest's caplog, also fed by fedcore's loggers
 
 CAP = 100  # SECAGG_WEIGHT_CAP
 
@@ -42,17 +45,6 @@ CAP = 100  # SECAGG_WEIGHT_CAP
 @pytest.fixture
 def env(store: S3Store, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return function_env(monkeypatch, store, s3_endpoint, SECAGG_WEIGHT_CAP=str(CAP))
-
-
-@pytest.fixture
-def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog fed by ``fedcore``'s loggers (the handler stops their propagation)."""
-    fed = logging.getLogger("fedcore")
-    fed.addHandler(caplog.handler)
-    try:
-        yield caplog
-    finally:
-        fed.removeHandler(caplog.handler)
 
 
 def form(
