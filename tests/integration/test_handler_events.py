@@ -3,30 +3,33 @@
 from __future__ import annotations
 
 import json
-import time
 
-import numpy as np
 import pytest
 from aws_lambda_powertools.utilities.parser.models import S3Model
 
 from fedcore import layout
 from fedcore.events import build_event, build_record, parse_records, scheduled_event
-from fedcore.messages import CheckIn, dumps
 from fedcore.storage import S3Store
-from fedcore.versions import seed
 from infra.pump import LocalContext
-from tests.helpers import TINY
+from tests.helpers import function_env, participant
 
 
 @pytest.fixture
 def env(store: S3Store, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Store:
-    monkeypatch.setenv("BUCKET", store.bucket)
-    monkeypatch.setenv("S3_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("COHORT_SIZE", "2")
-    monkeypatch.setenv("MIN_COHORT_SIZE", "2")
-    monkeypatch.setenv("AGGREGATION_MODE", "plaintext")
-    seed(store, {k: np.zeros(s, np.float32) for k, s in TINY.items()})
+    function_env(
+        monkeypatch,
+        store,
+        s3_endpoint,
+        COHORT_SIZE="2",
+        MIN_COHORT_SIZE="2",
+        AGGREGATION_MODE="plaintext",
+    )
     return store
+
+
+def check_in_enrolled(store: S3Store, clients: tuple[str, ...]) -> list[str]:
+    """Signed check-ins of enrolled devices (the only kind a cohort admits); their keys."""
+    return [participant(store, c).check_in(0).key for c in clients]
 
 
 def record_for(store: S3Store, key: str, seq: int = 1) -> dict:
@@ -52,15 +55,13 @@ def test_aggregator_forms_a_cohort_from_checkin_events(env: S3Store) -> None:
     THEN it writes the cohort config naming both, and deletes the consumed check-ins."""
     from functions.aggregator.app import handler
 
-    for c in ("a", "b"):
-        env.put_new(
-            layout.checkin_key(c, "n1"), dumps(CheckIn(c, "n1", time.time(), "plaintext", 0))
-        )
-    key = layout.checkin_key("b", "n1")
+    keys = check_in_enrolled(env, ("a", "b"))
+    key = keys[-1]
     out = handler(build_event([record_for(env, key)]), LocalContext("aggregator"))
     assert out["outcomes"] == {key: "formed"}
     cfg = json.loads(env.get(layout.config_key(layout.cohort_id(1))).body)
-    assert cfg["members"] == {"a": "n1", "b": "n1"} and cfg["mode"] == "plaintext"
+    nonces = {k.split("/")[1]: k.split("/")[2].removesuffix(".json") for k in keys}
+    assert cfg["members"] == nonces and cfg["mode"] == "plaintext"
     assert list(env.list(layout.CHECKINS_PREFIX)) == []
     # The same event again (S3 delivers at least once) forms nothing new.
     assert (
@@ -116,12 +117,7 @@ def test_handler_emits_emf_metrics(
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
     from functions.aggregator.app import handler
 
-    for c in ("a", "b"):
-        env.put_new(
-            layout.checkin_key(c, "n1"), dumps(CheckIn(c, "n1", time.time(), "plaintext", 0))
-        )
-    handler(
-        build_event([record_for(env, layout.checkin_key("b", "n1"))]), LocalContext("aggregator")
-    )
+    keys = check_in_enrolled(env, ("a", "b"))
+    handler(build_event([record_for(env, keys[-1])]), LocalContext("aggregator"))
     emf = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
     assert any(m.get("CohortsFormed") == [1.0] or m.get("CohortsFormed") == 1.0 for m in emf), emf
