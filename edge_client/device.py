@@ -33,7 +33,7 @@ from edge_client.privacy import (
     steps_per_participation,
     train_local_dp,
 )
-from edge_client.train import TrainSettings, train_local
+from edge_client.train import TrainSettings, train_local, warm_up
 from fedcore.device import (
     LINES,
     DropPoint,
@@ -179,6 +179,7 @@ class Device:
     def run(self) -> int:
         """Participate until the machine is done (or ``stop`` is set); the participations."""
         torch.manual_seed(self.train.seed)
+        warm_up()  # before the first check-in: no cohort's time box pays a cold start
         state, actions = machine.start(self.settings())
         self.rounds = drive(self.runner(), state, actions).rounds
         return self.rounds
@@ -248,9 +249,11 @@ class Device:
     def train_update(self, cfg: CohortConfig, *, budget_s: float | None = None) -> Update:
         """Train from ``cfg``'s base version (UnusableUpdateError if it diverged), as many
         steps as fit in ``budget_s`` (the machine's time box before the inputs deadline)."""
+        t0 = time.monotonic()
         base = self.p.fetch_model(cfg.base_version)
         model = build(base)
-        t0 = time.monotonic()
+        if budget_s is not None:  # the download and the model's set-up spend the box too
+            budget_s = max(0.0, budget_s - (time.monotonic() - t0))
         sample = self.privacy.sample if self.privacy else None
         if sample is not None and self.budget is not None and self._dp_plan is not None:
             sigma, q = self._dp_plan

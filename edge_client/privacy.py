@@ -126,6 +126,7 @@ def train_local_dp(
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
+    timer = StepTimer(budget_s, clock)  # Opacus' set-up spends the time box too
     data = TensorDataset(to_tensor(x), torch.from_numpy(np.asarray(y, dtype=np.int64)))
     # Poisson sampling is part of the mechanism (amplification by sampling assumes the
     # batches are secret): Opacus' DP loader samples with this loader's generator, at
@@ -161,9 +162,7 @@ def train_local_dp(
     with warnings.catch_warnings():
         # Opacus' fast clipping trips a harmless torch hook warning on every backward.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _dp_epochs(
-            private_model, opt, criterion, loader, settings, len(x), StepTimer(budget_s, clock)
-        )
+        return _dp_epochs(private_model, opt, criterion, loader, settings, len(x), timer)
 
 
 def _check_rate(loader_rate: float, booked: float) -> None:

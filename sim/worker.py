@@ -779,7 +779,7 @@ def build_devices(
     """Make and enroll this worker's devices (fresh identity keys, held in memory)."""
     from edge_client.data import load_mnist
     from edge_client.device import Device, LoopSettings
-    from edge_client.train import TrainSettings
+    from edge_client.train import TrainSettings, warm_up
 
     mnist = load_mnist(progress=None)
     train = TrainSettings(
@@ -793,6 +793,7 @@ def build_devices(
         operator_sk = load_or_create_operator_key(Path(settings.operator_dir))
         operator_pk = crypto.ed25519_public(operator_sk)
     out = []
+    warm_up()  # once per worker process, before any cohort's time box runs
     for i, idx in zip(indices, shards, strict=True):
         cid = settings.client_id(i)
         key = crypto.ed25519_keypair()[0]  # plaintext updates are signed too
