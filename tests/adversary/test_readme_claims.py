@@ -5,7 +5,8 @@ An identity the server cannot swap: devices trust a peer's identity key only if 
 stack can write a certificate: the operator writes ``clients/{id}/certificate.json``
 with its own credentials, outside AWS's roles (``fedcore/operator.py``). A gateway or
 function role that could create one would certify its own key for any id without one,
-and one that could replace one would swap an enrolled device's key.
+and one that could replace one would swap an enrolled device's key. Nor may the
+functions' role create an identity: enrolling is the gateway's, with a token.
 
 What a device may read through the gateway (certificates, its cohorts' consistency
 signatures), and the bucket policy's TLS floor. The IAM claims are evaluated with
@@ -59,6 +60,15 @@ def test_no_role_creates_or_replaces_an_operator_certificate(
             assert explicitly_denied(resources, role, "s3:PutObject", key, headers), (key, headers)
         for action in ("s3:DeleteObject", "s3:DeleteObjectVersion"):
             assert not effective(resources, role, action, key, NO_HEADER), (action, key)
+
+
+def test_the_functions_role_writes_nothing_under_clients(resources: dict[str, Any]) -> None:
+    """GIVEN the aggregation/sweeper role with the bucket policy WHEN it creates an identity
+    (If-None-Match: *) THEN denied: only the gateway enrolls, and only the operator
+    certifies, so a compromised function cannot give itself an enrolled id."""
+    for client in ("dev-1", "config"):
+        key = layout.identity_key(client)
+        assert not effective(resources, "FunctionRole", "s3:PutObject", key, IF_NONE_MATCH), key
 
 
 def test_devices_read_certificates_and_their_cohorts_consistency_signatures() -> None:
