@@ -1,7 +1,7 @@
 """README "Security model" claims that no other test proved.
 
-An identity the server cannot swap: devices trust a peer's identity key only if the operator's certificate of it verifies
-(``tests/adversary/test_identity.py``). That defence holds only while no role of the
+An identity the server cannot swap: devices trust a peer's identity key only if the
+operator's certificate of it verifies (``tests/adversary/test_identity.py``). That defence holds only while no role of the
 stack can write a certificate: the operator writes ``clients/{id}/certificate.json``
 with its own credentials, outside AWS's roles (``fedcore/operator.py``). A gateway or
 function role that could create one would certify its own key for any id without one,
