@@ -88,7 +88,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--epochs", type=int, default=d.DEVICE_TRAINING.epochs)
     run.add_argument("--batch-size", type=int, default=d.DEVICE_TRAINING.batch_size)
     run.add_argument("--lr", type=float, default=d.DEVICE_TRAINING.lr)
-    run.add_argument("--momentum", type=float, default=d.DEVICE_TRAINING.momentum)
+    run.add_argument(
+        "--momentum", type=float, default=d.DEVICE_TRAINING.momentum, help="SGD's (0 for Adam)"
+    )
+    run.add_argument(
+        "--optimizer",
+        choices=d.OPTIMIZERS,
+        default=None,
+        help=f"local optimizer (default {d.DEVICE_TRAINING.optimizer}; sgd under --dp-epsilon)",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
         "--max-grad-norm",
@@ -322,6 +330,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.seed,
             args.max_grad_norm,
             activation=args.activation or d.activation(dp_sgd=args.dp_epsilon > 0),
+            optimizer=local_optimizer_name(args),
         ),
         LoopSettings(
             max_rounds=args.max_rounds,
@@ -337,6 +346,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     rounds = device.run()
     say(args.client_id, f"finished after {rounds} participation(s)")
     return 0
+
+
+def local_optimizer_name(args: argparse.Namespace) -> str:
+    """The optimizer a ``run`` trains with: DP-SGD's accounting assumes SGD."""
+    if args.dp_epsilon > 0:
+        if args.optimizer not in (None, "sgd"):
+            raise SystemExit("--dp-epsilon runs DP-SGD: --optimizer must be sgd")
+        return "sgd"
+    return args.optimizer or d.DEVICE_TRAINING.optimizer
 
 
 def device_privacy(args: argparse.Namespace, state_dir: Path) -> DevicePrivacy | None:

@@ -19,19 +19,26 @@ from fedcore.server.settings import ServerSettings
 _SERVER = ServerSettings()
 
 
+OPTIMIZERS = ("adam", "sgd")  # a device's local optimizer (edge_client.train.local_optimizer)
+
+
 @dataclass(frozen=True)
 class Training:
-    """Local SGD of one participation: epochs over the device's shard, batch size, step size
-    and momentum (``edge_client.train.TrainSettings`` takes the same four first)."""
+    """Local training of one participation: epochs over the device's shard, batch size, step
+    size, SGD's momentum and the optimizer (``edge_client.train.TrainSettings`` takes the
+    same fields)."""
 
     epochs: int
     batch_size: int
     lr: float
     momentum: float
+    optimizer: str = "sgd"
 
 
 # A device with a large shard (thousands of examples; ``edge_client run``, ``make demo``).
-DEVICE_TRAINING = Training(epochs=1, batch_size=32, lr=0.05, momentum=0.9)
+# Adam: a time-boxed participation may run only tens of steps, where Adam learns most
+# (``edge_client.train.local_optimizer``).
+DEVICE_TRAINING = Training(epochs=1, batch_size=32, lr=0.002, momentum=0.0, optimizer="adam")
 # DP-SGD: large batches, no momentum and a larger step (the noise's norm grows with the
 # model's 1.2M dimensions and shrinks with the batch); ``make demo --dp-epsilon``.
 DP_SGD_TRAINING = Training(epochs=1, batch_size=256, lr=2.0, momentum=0.0)

@@ -105,6 +105,9 @@ def train_local_dp(
 ) -> TrainResult:
     """DP-SGD with Opacus: Poisson-sampled batches, per-sample clipping, Gaussian noise.
 
+    The optimizer is SGD with ``settings.lr`` and ``settings.momentum`` whatever
+    ``settings.optimizer`` says (the CLIs refuse another one under DP-SGD).
+
     ``budget_s`` time-boxes it like ``train_local`` (at least one step); the result's
     ``steps`` are the noised steps that ran, which the accountant books (the budget
     check before training used the planned maximum, ``steps_per_participation``).

@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help=default("batch_size"))
     p.add_argument("--lr", type=float, default=None, help=default("lr"))
     p.add_argument("--momentum", type=float, default=None, help=default("momentum"))
+    p.add_argument("--optimizer", choices=d.OPTIMIZERS, default=None, help=default("optimizer"))
     p.add_argument("--server-lr", type=float, default=server.server_lr)
     p.add_argument("--max-samples", type=int, default=0, help="cap each device's shard (0: all)")
     p.add_argument(
@@ -150,6 +151,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in base.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.dp_epsilon and args.optimizer != "sgd":
+        p.error("--dp-epsilon runs DP-SGD: --optimizer must be sgd")
     if args.dp_user_noise and args.plaintext:
         p.error("--dp-user-noise needs secure aggregation: the noise hides under the masks")
     if not 0.0 <= args.drop_fraction < 1.0:
@@ -194,7 +197,7 @@ def spawn_devices(
             "--client-id", cid, "--num-shards", str(args.clients), "--shard", str(i),
             "--partition", args.partition, "--alpha", str(args.alpha),
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-            "--momentum", str(args.momentum),
+            "--momentum", str(args.momentum), "--optimizer", args.optimizer,
             # A quicker poll than the device default: the demo's rounds are short.
             "--seed", str(i), "--until-version", str(args.versions), "--poll-s", "0.5",
             "--max-samples", str(args.max_samples),

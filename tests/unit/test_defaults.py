@@ -11,7 +11,7 @@ def test_device_training_defaults_are_train_settings_defaults() -> None:
     from edge_client.train import TrainSettings
 
     t = TrainSettings()
-    assert d.Training(t.epochs, t.batch_size, t.lr, t.momentum) == d.DEVICE_TRAINING
+    assert d.Training(t.epochs, t.batch_size, t.lr, t.momentum, t.optimizer) == d.DEVICE_TRAINING
 
 
 def test_activation_follows_dp_sgd() -> None:
