@@ -113,7 +113,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where dropped devices vanish: before advertising keys, after sharing keys, "
         "or after uploading their masked input",
     )
-    p.add_argument("--timeout-s", type=float, default=600.0, help="give up after this long")
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=1800.0,
+        help="give up after this long (the default run took 611 s on a 2-core machine "
+        "and 1,265 s beside eight CPU-burning processes)",
+    )
     p.add_argument(
         "--endpoint-url", default=None, help="use this S3 API instead of the embedded one"
     )
