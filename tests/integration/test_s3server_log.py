@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from infra.s3server import EmbeddedS3
+from tests.helpers import wait_until
 
 
 def test_server_errors_go_to_the_log_file(
@@ -25,6 +26,11 @@ def test_server_errors_go_to_the_log_file(
         wsgi.app = broken  # an error inside the request, as moto raises one
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(server.endpoint_url + "/bucket-x", timeout=10)
+        # werkzeug sends the 500 first and logs after it, on the request's thread.
+        wait_until(
+            lambda: log.exists() and "I/O operation on closed file (test)" in log.read_text(),
+            what="the request error in the log file",
+        )
         try:  # an error outside the app: what socketserver prints with print_exc
             raise OSError("client hung up (test)")
         except OSError:
