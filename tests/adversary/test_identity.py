@@ -367,3 +367,22 @@ def test_the_enrollment_tool_certifies_and_prints_the_operator_key(
     blob = store.get(layout.certificate_key("d2")).body
     cert = parse_certificate(blob, operator_key=operator_pk, client_id="d2", where="d2")
     assert cert.ed25519 == device_pk
+
+
+def test_a_secure_device_through_the_gateway_needs_the_operator_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the operator's key a device could check no certificate and would trust the
+    identities the function pins, which is the attack above; the CLI refuses to start."""
+    from edge_client.__main__ import parse_args
+
+    for name in ("FL_OPERATOR_KEY", "BUCKET", "CLIENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    run = ["run", "--gateway", "http://127.0.0.1:1", "--client-id", "dev-1"]
+    with pytest.raises(SystemExit):
+        parse_args(run)
+    assert "secure mode through the gateway needs --operator-key" in capsys.readouterr().err
+    assert parse_args([*run, "--plaintext"]).operator_key is None
+    assert parse_args([*run, "--operator-key", "b64key"]).operator_key == "b64key"
+    monkeypatch.setenv("FL_OPERATOR_KEY", "from-env")
+    assert parse_args(run).operator_key == "from-env"
