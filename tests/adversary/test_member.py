@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from edge_client.gateway_store import GatewayDeniedError, GatewayStore
 from fedcore import access, layout
@@ -38,6 +39,7 @@ from fedcore.gateway import Gateway
 from fedcore.layout import Kind, Phase
 from fedcore.messages import CohortConfig, Mode, parse_config
 from fedcore.participant import Participant
+from fedcore.secagg import protocol
 from fedcore.secagg.quantize import Quantizer
 from fedcore.server import aggregate, finalize, formation, secure
 from fedcore.server.phases import input_cap
@@ -121,7 +123,17 @@ OFF_SWITCHES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
         mp.setattr(access, "_decide_read", _lax_read(access._decide_read)),
     ),
     "list_delimiter": lambda mp: mp.setattr("fedcore.gateway.list_refusal", lambda p, r: None),
+    "masked_signature": lambda mp: mp.setattr(secure, "parse_masked_metadata", _unsigned_meta),
 }
+
+
+def _unsigned_meta(meta: dict[str, str], **kw: Any) -> Any:
+    """``parse_masked_metadata`` that reads the signed document without checking its
+    signature (the check the ``masked_signature`` switch turns off)."""
+    real = protocol.parse_masked_metadata
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocol.crypto, "verify", lambda *a, **k: None)
+        return real(meta, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -248,6 +260,49 @@ def test_masked_upload_with_a_flipped_bit_is_rejected(
     assert any(
         r.get("client_id") == "m4" and "signed digest" in r.get("reason", "") for r in why
     ), why
+
+
+def _flip_and_redigest(blob: bytearray) -> None:
+    """Flip a data bit of a masked upload and rewrite its metadata's digest to match: a
+    self-consistent forgery that only the metadata's signature can tell."""
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    meta = header.pop("__metadata__")
+    (name,) = header
+    tensors = safetensors.numpy.load(bytes(blob))
+    vec = tensors[name].copy()
+    vec.reshape(-1)[0] ^= 1
+    doc = json.loads(meta["fedcore"])
+    doc["digest"] = hashlib.sha256(memoryview(vec)).hexdigest()
+    meta["fedcore"] = json.dumps(doc, sort_keys=True)
+    blob[:] = safetensors.numpy.save({name: vec}, metadata=meta)
+
+
+def test_masked_upload_with_rewritten_metadata_is_rejected(
+    store: S3Store, env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defence ``masked_signature``. GIVEN m4's masked vector changed after m4 signed it and
+    the metadata's digest rewritten to match the change (the digest check alone passes)
+    THEN the metadata's signature no longer verifies: m4 is rejected as a dropout and the
+    other four apply."""
+    _flip_in_transit(env, "/masked/m4.safetensors", _flip_and_redigest)
+    with caplog.at_level(logging.INFO):
+        _, res = run_secagg(store, env)
+    assert res is not None and res.status == "applied", res
+    assert res.included == MEMBERS[:4], res
+    why = _records(caplog, "masked input rejected; treated as a dropout")
+    assert any(r.get("client_id") == "m4" and "signature" in r.get("reason", "") for r in why), why
+
+
+def test_masked_upload_with_rewritten_metadata_without_the_defence(
+    store: S3Store, env: pytest.MonkeyPatch
+) -> None:
+    """Control: without the signature check the rewritten upload is counted, m4 included."""
+    OFF_SWITCHES["masked_signature"](env)
+    _flip_in_transit(env, "/masked/m4.safetensors", _flip_and_redigest)
+    _, res = run_secagg(store, env)
+    assert res is not None and res.status == "applied", res
+    assert res.included == MEMBERS, res
 
 
 def _plaintext_flip(
