@@ -186,3 +186,14 @@ def test_the_honest_bound_is_what_the_code_guarantees() -> None:
     mean, weight = secure.decode_mean(total, params=params, count=3, schema=SCHEMA)
     norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in mean.values()))
     assert norm == pytest.approx(math.sqrt(DIM) * 3 * 1.0 / weight, rel=1e-6)
+
+
+@pytest.mark.parametrize("clip", [1.0, 4.0])
+def test_a_members_weight_is_capped_whatever_it_declares(clip: float) -> None:
+    """A member that declares ten times the cap weighs what one declaring the cap does (1):
+    its declared count moves the weighted mean no further than an honest full shard. The
+    clip on the weight slot alone would let it weigh up to ``clip`` when clip > 1."""
+    p = SecAggParams(k=3, t=3, graph_seed="00", clip=clip, bits=30, weight_cap=100)
+    assert p.weight(10 * p.weight_cap) == p.weight(p.weight_cap) == 1.0
+    assert p.weight_code(10 * p.weight_cap) == p.weight_code(p.weight_cap)
+    assert p.weight(1) == 1 / p.weight_cap
