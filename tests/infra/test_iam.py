@@ -62,6 +62,7 @@ def write_once_keys() -> list[str]:
         layout.model_key(7),
         layout.optimizer_key(7, CID, "0123456789abcdef"),  # state a commit may name (DESIGN.md 4.6)
         layout.identity_key(ME),
+        layout.certificate_key(ME),
         layout.checkin_key(ME, "n1"),
         layout.config_key(CID),
         layout.sum_key(CID, "0123456789abcdef"),
@@ -261,6 +262,17 @@ def test_each_role_still_creates_what_its_code_writes(resources: dict[str, Any],
     code writes THEN allowed: the denies leave the protocol working."""
     for key in CREATES[role]:
         assert effective(resources, role, "s3:PutObject", key, IF_NONE_MATCH), key
+
+
+def test_the_functions_role_creates_no_members_object(resources: dict[str, Any]) -> None:
+    """GIVEN the aggregation functions' role WHEN it creates a member's message or input,
+    whatever the client id (``config`` and ``state`` included: an IAM ``*`` matches ``/``, so
+    ``cohorts/*/config.json`` matched ``cohorts/c.../unmask/config.json``) THEN not allowed:
+    members' objects are the members' own word."""
+    for kind in (Kind.KEYS, Kind.SHARES, Kind.MASKED, Kind.PLAIN, Kind.CONSISTENCY, Kind.UNMASK):
+        for client in (ME, *TRICKY_IDS):
+            key = layout.member_key(CID, kind, client)
+            assert not effective(resources, "FunctionRole", "s3:PutObject", key, IF_NONE_MATCH), key
 
 
 @pytest.mark.parametrize("role", ROLES)

@@ -546,8 +546,8 @@ def test_s3_permissions_are_scoped_to_protocol_prefixes(resources: dict[str, Any
         "s3:ListBucket": {"<bucket>"},
         "s3:GetObject": {"checkins/*", "cohorts/*", "global/*", "clients/*"},
         "s3:PutObject": {
-            "cohorts/*/config.json",
-            "cohorts/*/state/*",
+            "cohorts/c????????/config.json",
+            "cohorts/c????????/state/*",
             "global/v*",
             "global/latest.json",
         },
