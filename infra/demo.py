@@ -143,6 +143,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dp-user-clip", type=float, default=d.DP_USER_CLIP, help="user-level DP: L2 clip"
     )
     p.add_argument(
+        "--dp-user-checkin-p",
+        type=float,
+        default=d.DP_USER_CHECKIN_P,
+        help="user-level DP random check-in: each device's chance per cohort to contribute "
+        "its update (else zeros); below 1 devices book the amplified epsilon",
+    )
+    p.add_argument(
         "--direct-s3",
         action="store_true",
         help="devices use S3 credentials directly (debugging); default: no credentials, "
@@ -161,6 +168,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--dp-epsilon runs DP-SGD: --optimizer must be sgd")
     if args.dp_user_noise and args.plaintext:
         p.error("--dp-user-noise needs secure aggregation: the noise hides under the masks")
+    if not 0 < args.dp_user_checkin_p <= 1:
+        p.error("--dp-user-checkin-p is a probability in (0, 1]")
     if not 0.0 <= args.drop_fraction < 1.0:
         p.error("--drop-fraction must be in [0, 1)")
     if args.plaintext and args.drop_round != "inputs" and args.drop_fraction:
@@ -168,6 +177,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.clients < args.min_cohort_size or args.cohort_size < args.min_cohort_size:
         p.error("need --clients and --cohort-size >= --min-cohort-size")
     return args
+
+
+def device_privacy_args(args: argparse.Namespace) -> list[str]:
+    """The devices' DP flags for the demo's privacy settings (none without DP)."""
+    cmd: list[str] = []
+    if args.dp_epsilon:
+        rounds = math.ceil(args.versions * args.cohort_size / args.clients) + 1
+        cmd += ["--dp-epsilon", str(args.dp_epsilon), "--dp-delta", str(args.dp_delta)]
+        cmd += ["--dp-planned-rounds", str(rounds)]
+    if args.dp_user_noise:
+        # The noisy global model has large weights: keep local steps finite.
+        cmd += ["--max-grad-norm", "1.0"]
+        cmd += ["--dp-user-noise", str(args.dp_user_noise)]
+        cmd += ["--dp-user-clip", str(args.dp_user_clip), "--dp-user-epsilon", "1e9"]
+        cmd += ["--dp-user-checkin-p", str(args.dp_user_checkin_p)]
+    return cmd
 
 
 def spawn_devices(
@@ -211,15 +236,7 @@ def spawn_devices(
         ]  # fmt: skip
         if args.plaintext:
             cmd.append("--plaintext")
-        if args.dp_epsilon:
-            rounds = math.ceil(args.versions * args.cohort_size / args.clients) + 1
-            cmd += ["--dp-epsilon", str(args.dp_epsilon), "--dp-delta", str(args.dp_delta)]
-            cmd += ["--dp-planned-rounds", str(rounds)]
-        if args.dp_user_noise:
-            # The noisy global model has large weights: keep local steps finite.
-            cmd += ["--max-grad-norm", "1.0"]
-            cmd += ["--dp-user-noise", str(args.dp_user_noise)]
-            cmd += ["--dp-user-clip", str(args.dp_user_clip), "--dp-user-epsilon", "1e9"]
+        cmd += device_privacy_args(args)
         dev_env = env
         if not args.direct_s3:
             # No bucket, endpoint or AWS keys: an operator token (in the environment, not argv)

@@ -570,3 +570,22 @@ def test_tanh_model_keeps_the_schema_and_dp_training_switches_to_it() -> None:
     x = torch.randn(2, 1, 28, 28)
     tanh.load_state_dict(relu.state_dict())
     assert torch.allclose(relu(x), tanh(x))
+
+
+def test_demo_passes_random_check_ins_to_its_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make demo ARGS='--dp-user-noise 1 --dp-user-checkin-p 0.5'`` runs devices that
+    check in at random (and book the amplified epsilon); the flags parse on the device."""
+    from edge_client.__main__ import parse_args as device_args
+    from infra.demo import device_privacy_args
+    from infra.demo import parse_args as demo_args
+
+    args = demo_args(["--dp-user-noise", "1", "--dp-user-checkin-p", "0.5"])
+    flags = device_privacy_args(args)
+    assert flags[flags.index("--dp-user-checkin-p") + 1] == "0.5"
+    monkeypatch.delenv("FL_OPERATOR_KEY", raising=False)
+    parsed = device_args(["run", "--bucket", "b", "--client-id", "dev-000", *flags])
+    assert parsed.dp_user_checkin_p == 0.5 and parsed.dp_user_noise == 1.0
+    assert "--dp-user-checkin-p" not in device_privacy_args(demo_args([]))
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit):
+            demo_args(["--dp-user-noise", "1", "--dp-user-checkin-p", bad])
