@@ -251,15 +251,25 @@ def test_masked_upload_with_a_flipped_bit_is_rejected(
     (the lowest bit of a code: the sum stays in range, so only the digest can tell) THEN
     m4's input is rejected as tampered and counted as a dropout, and the other four apply
     (m4's self mask removed from its shares)."""
-    _flip_in_transit(env, "/masked/m4.safetensors", _flip_first_data_bit)
+    _m4_rejected_for(store, env, caplog, _flip_first_data_bit, "signed digest")
+
+
+def _m4_rejected_for(
+    store: S3Store,
+    env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tamper: Callable[[bytearray], None],
+    reason: str,
+) -> None:
+    """Tamper with m4's masked upload on its way; the other four apply and m4 is logged as
+    a rejected dropout whose reason contains ``reason``."""
+    _flip_in_transit(env, "/masked/m4.safetensors", tamper)
     with caplog.at_level(logging.INFO):
         _, res = run_secagg(store, env)
     assert res is not None and res.status == "applied", res
     assert res.included == MEMBERS[:4], res
     why = _records(caplog, "masked input rejected; treated as a dropout")
-    assert any(
-        r.get("client_id") == "m4" and "signed digest" in r.get("reason", "") for r in why
-    ), why
+    assert any(r.get("client_id") == "m4" and reason in r.get("reason", "") for r in why), why
 
 
 def _flip_and_redigest(blob: bytearray) -> None:
@@ -285,13 +295,7 @@ def test_masked_upload_with_rewritten_metadata_is_rejected(
     the metadata's digest rewritten to match the change (the digest check alone passes)
     THEN the metadata's signature no longer verifies: m4 is rejected as a dropout and the
     other four apply."""
-    _flip_in_transit(env, "/masked/m4.safetensors", _flip_and_redigest)
-    with caplog.at_level(logging.INFO):
-        _, res = run_secagg(store, env)
-    assert res is not None and res.status == "applied", res
-    assert res.included == MEMBERS[:4], res
-    why = _records(caplog, "masked input rejected; treated as a dropout")
-    assert any(r.get("client_id") == "m4" and "signature" in r.get("reason", "") for r in why), why
+    _m4_rejected_for(store, env, caplog, _flip_and_redigest, "signature")
 
 
 def test_masked_upload_with_rewritten_metadata_without_the_defence(
