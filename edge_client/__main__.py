@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_client import defaults as d
+from fedcore.device.machine import DEVICE_MIN_SURVIVORS
 from fedcore.errors import FedError
 
 if TYPE_CHECKING:
@@ -113,6 +114,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     run.add_argument("--poll-s", type=float, default=d.POLL_S)
     run.add_argument("--cohort-timeout-s", type=float, default=d.COHORT_TIMEOUT_S)
+    run.add_argument(
+        "--min-survivors",
+        type=int,
+        default=DEVICE_MIN_SURVIVORS,
+        help="refuse secure cohorts that may complete with fewer inputs than this (default "
+        f"{DEVICE_MIN_SURVIVORS}; with 2, the sum shows each member the other's update)",
+    )
     run.add_argument(
         "--plaintext",
         action="store_true",
@@ -246,6 +254,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error("no client id: pass --client-id or set CLIENT_ID")
         if not 0 <= args.shard < args.num_shards:
             ap.error(f"--shard must be in [0, {args.num_shards})")
+        if args.min_survivors < 2:
+            ap.error("--min-survivors must be at least 2 (one input is that member's update)")
         if args.gateway and not args.plaintext and not args.operator_key:
             ap.error("secure mode through the gateway needs --operator-key (env FL_OPERATOR_KEY)")
     return args
@@ -339,6 +349,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cohort_timeout_s=args.cohort_timeout_s,
             drop_prob=args.drop_prob,
             drop_at=args.drop_at,
+            min_survivors=args.min_survivors,
         ),
         stop=stop,
         privacy=device_privacy(args, state_dir),

@@ -65,6 +65,9 @@ class LoopSettings:
     cohort_timeout_s: float = 600.0
     drop_prob: float = 0.0  # chance per cohort of vanishing at ``drop_at`` (dropout experiments)
     drop_at: str = "inputs"
+    # The fewest inputs a secure cohort may complete with for this device to take part
+    # (``fedcore.device.machine.DEVICE_MIN_SURVIVORS``: two would reveal one member to the other).
+    min_survivors: int = machine.DEVICE_MIN_SURVIVORS
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class Device:
         return Settings(
             self.p.client_id, Mode(self.p.mode), until_version=self.loop.until_version,
             max_rounds=self.loop.max_rounds, wait_for_new_version=self.loop.wait_for_new_version,
-            cohort_timeout_s=self.loop.cohort_timeout_s,
+            cohort_timeout_s=self.loop.cohort_timeout_s, min_survivors=self.loop.min_survivors,
         )  # fmt: skip
 
     def runner(self) -> Runner:

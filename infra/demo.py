@@ -27,6 +27,7 @@ from typing import Any
 from edge_client import defaults as d
 from edge_client.identity import load_or_create_signing_key
 from fedcore import layout
+from fedcore.device.machine import DEVICE_MIN_SURVIVORS
 from fedcore.dp.ledger import STATE_FILE, ReleaseTally
 from fedcore.errors import FedError, NotFoundError
 from fedcore.gateway import issue_token
@@ -55,7 +56,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     plain, dp = PLAIN_TRAINING, DP_TRAINING
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--cohort-size", type=int, default=5)
-    p.add_argument("--min-cohort-size", type=int, default=2)
+    p.add_argument(
+        "--min-cohort-size",
+        type=int,
+        default=None,
+        help="fewest members a cohort forms and completes with (default 3, or the cohort size "
+        "if smaller; below 3 the secure devices are told to accept it, and each member of a "
+        "2-member cohort learns the other's update)",
+    )
     p.add_argument(
         "--versions", type=int, default=None,
         help=f"stop after this many versions ({plain['versions']}; DP-SGD: {dp['versions']})",
@@ -174,6 +182,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--drop-fraction must be in [0, 1)")
     if args.plaintext and args.drop_round != "inputs" and args.drop_fraction:
         args.drop_round = "inputs"  # plaintext cohorts have only the input round
+    if args.min_cohort_size is None:
+        args.min_cohort_size = min(DEVICE_MIN_SURVIVORS, args.cohort_size)
+    if args.min_cohort_size < 2:
+        p.error("--min-cohort-size must be at least 2")
     if args.clients < args.min_cohort_size or args.cohort_size < args.min_cohort_size:
         p.error("need --clients and --cohort-size >= --min-cohort-size")
     return args
@@ -237,6 +249,8 @@ def spawn_devices(
         if args.plaintext:
             cmd.append("--plaintext")
         cmd += device_privacy_args(args)
+        if not args.plaintext and args.min_cohort_size < DEVICE_MIN_SURVIVORS:
+            cmd += ["--min-survivors", str(args.min_cohort_size)]
         dev_env = env
         if not args.direct_s3:
             # No bucket, endpoint or AWS keys: an operator token (in the environment, not argv)
@@ -393,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client.train import evaluate
 
     torch.set_num_threads(args.eval_threads)
+    if not args.plaintext and args.min_cohort_size < DEVICE_MIN_SURVIVORS:
+        print(
+            f"note: cohorts may complete with {args.min_cohort_size} members; the devices are "
+            "told to accept that, and each member of a 2-member cohort learns the other's update"
+        )
     # Devices train tanh under DP-SGD (edge_client run's default); evaluate the same network.
     activation = d.activation(dp_sgd=args.dp_epsilon > 0)
     out = args.report.parent

@@ -119,7 +119,10 @@ class FaultKind(Enum):
 # The server writes the config; a device that took its threshold and minimum on trust
 # would let a malicious server set t = 1 and read a chosen member's update alone.
 DEVICE_MIN_DEGREE = 8  # neighbours per member (capped at n - 1: all pairs in a small cohort)
-DEVICE_MIN_SURVIVORS = 2  # fewer counted inputs than this reveal one member to another
+# A sum of two inputs is the other member's update to either of them (and to a server that
+# forms a cohort of its own Sybil and one victim), so by default a device reveals for three
+# or more; a deployment that wants cohorts of two says so explicitly (``--min-survivors 2``).
+DEVICE_MIN_SURVIVORS = 3
 DEVICE_COLLUDERS = COLLUDERS  # neighbours that may side with the server (``params_fault``)
 
 

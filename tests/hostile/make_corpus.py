@@ -1002,10 +1002,10 @@ def device_entries() -> Iterator[Entry]:
         "d1 is not a member",
         fix(
             {
-                "members": {"d2": "n0001", "d3": "n0001"},
+                "members": {"d2": "n0001", "d3": "n0001", "d4": "n0001"},
                 "identities": {},
-                "min_members": 2,
-                "params": {**p, "secagg": {**p["secagg"], "k": 1, "t": 2}},
+                "min_members": 3,
+                "params": {**p, "secagg": {**p["secagg"], "k": 2, "t": 3}},
             }
         ),
         "run_secure_cohort",

@@ -8,6 +8,7 @@ checked U3 that counts it, one ``Leave`` per cohort joined, nothing after DONE.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import replace
 from typing import Any
@@ -748,6 +749,22 @@ def test_minimum_survivors_below_the_device_floor_is_refused() -> None:
     [leave] = left(actions)
     assert leave.outcome is Outcome.REFUSED and "minimum survivors 3" in leave.reason
     state, _ = m.join(settings_(min_survivors=3), config(min_members=1))  # t = 3 holds it
+    assert state.stage is Stage.ADMISSION
+
+
+def test_a_two_member_secure_cohort_is_refused_unless_the_device_accepts_it() -> None:
+    """GIVEN a secure cohort of two (a server's Sybil and one victim, say; t = 2 of 2 holds
+    the strict-majority floor) THEN a device on its default floor refuses it: the sum is
+    the other member's update. A device started with ``--min-survivors 2`` takes part."""
+    pair = dataclasses.replace(
+        config(members=(ME, "peer"), min_members=2),
+        secagg=SecAggParams(k=1, t=2, graph_seed="00", clip=1.0, bits=30, weight_cap=100),
+    )
+    assert m.DEVICE_MIN_SURVIVORS == settings_().min_survivors == 3
+    _, actions = m.join(settings_(), pair)
+    [leave] = left(actions)
+    assert leave.outcome is Outcome.REFUSED and "minimum survivors 2" in leave.reason
+    state, _ = m.join(settings_(min_survivors=2), pair)
     assert state.stage is Stage.ADMISSION
 
 
