@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--timeout-s",
         type=float,
         default=1800.0,
-        help="give up after this long (the default run took 611 s on a 2-core machine "
+        help="give up after this long (the default run took 509 s on an idle 2-core machine "
         "and 1,265 s beside eight CPU-burning processes)",
     )
     p.add_argument(
