@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=1800.0,
         help="give up after this long (the default run took 509 s on an idle 2-core machine "
-        "and 1,265 s beside eight CPU-burning processes)",
+        "and 843 s beside eight CPU-burning processes)",
     )
     p.add_argument(
         "--endpoint-url", default=None, help="use this S3 API instead of the embedded one"
