@@ -256,6 +256,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--shard must be in [0, {args.num_shards})")
         if args.min_survivors < 2:
             ap.error("--min-survivors must be at least 2 (one input is that member's update)")
+        local_optimizer_name(args)  # a usage error before the device enrolls or reads anything
         if args.gateway and not args.plaintext and not args.operator_key:
             ap.error("secure mode through the gateway needs --operator-key (env FL_OPERATOR_KEY)")
     return args
@@ -360,12 +361,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def local_optimizer_name(args: argparse.Namespace) -> str:
-    """The optimizer a ``run`` trains with: DP-SGD's accounting assumes SGD."""
-    if args.dp_epsilon > 0:
-        if args.optimizer not in (None, "sgd"):
-            raise SystemExit("--dp-epsilon runs DP-SGD: --optimizer must be sgd")
-        return "sgd"
-    return args.optimizer or d.DEVICE_TRAINING.optimizer
+    """The optimizer a ``run`` trains with (``defaults.optimizer_name``)."""
+    try:
+        return d.optimizer_name(dp_sgd=args.dp_epsilon > 0, asked=args.optimizer)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def device_privacy(args: argparse.Namespace, state_dir: Path) -> DevicePrivacy | None:

@@ -53,6 +53,17 @@ def activation(*, dp_sgd: bool) -> str:
     return "tanh" if dp_sgd else "relu"
 
 
+def optimizer_name(*, dp_sgd: bool, asked: str | None = None) -> str:
+    """The local optimizer a device trains with: ``asked`` (default ``DEVICE_TRAINING``'s),
+    always SGD under DP-SGD, whose accounting describes SGD; asking for another there is
+    a ValueError, not a silent switch. The device CLI and the demo both ask here."""
+    if dp_sgd:
+        if asked not in (None, "sgd"):
+            raise ValueError("--dp-epsilon runs DP-SGD: --optimizer must be sgd")
+        return "sgd"
+    return asked or DEVICE_TRAINING.optimizer
+
+
 # Partition of MNIST over devices.
 PARTITION = "iid"
 DIRICHLET_ALPHA = 0.5  # concentration of the non-IID "dirichlet" split

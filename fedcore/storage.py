@@ -148,7 +148,7 @@ def parse_s3_timestamp(value: str | float) -> datetime:
                 parsed = datetime.fromisoformat(value)
             else:
                 parsed = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError):
             parsed = None
         if parsed is not None and parsed.tzinfo is not None:
             return parsed

@@ -172,8 +172,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in base.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.dp_epsilon and args.optimizer != "sgd":
-        p.error("--dp-epsilon runs DP-SGD: --optimizer must be sgd")
+    try:
+        d.optimizer_name(dp_sgd=bool(args.dp_epsilon), asked=args.optimizer)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.dp_user_noise and args.plaintext:
         p.error("--dp-user-noise needs secure aggregation: the noise hides under the masks")
     if not 0 < args.dp_user_checkin_p <= 1:
@@ -189,6 +191,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.clients < args.min_cohort_size or args.cohort_size < args.min_cohort_size:
         p.error("need --clients and --cohort-size >= --min-cohort-size")
     return args
+
+
+def devices_accept_small_cohorts(args: argparse.Namespace) -> bool:
+    """Whether the run's secure cohorts may complete below the devices' default floor, so
+    the devices are started with ``--min-survivors`` and the person is told."""
+    return not args.plaintext and args.min_cohort_size < DEVICE_MIN_SURVIVORS
 
 
 def device_privacy_args(args: argparse.Namespace) -> list[str]:
@@ -249,7 +257,7 @@ def spawn_devices(
         if args.plaintext:
             cmd.append("--plaintext")
         cmd += device_privacy_args(args)
-        if not args.plaintext and args.min_cohort_size < DEVICE_MIN_SURVIVORS:
+        if devices_accept_small_cohorts(args):
             cmd += ["--min-survivors", str(args.min_cohort_size)]
         dev_env = env
         if not args.direct_s3:
@@ -407,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client.train import evaluate
 
     torch.set_num_threads(args.eval_threads)
-    if not args.plaintext and args.min_cohort_size < DEVICE_MIN_SURVIVORS:
+    if devices_accept_small_cohorts(args):
         print(
             f"note: cohorts may complete with {args.min_cohort_size} members; the devices are "
             "told to accept that, and each member of a 2-member cohort learns the other's update"
