@@ -35,8 +35,8 @@ longer on a shared machine; ``--workers`` sets the training processes);
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -59,6 +59,14 @@ def _torch_setup() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@functools.cache
+def _mnist() -> Any:
+    """MNIST, decoded once per process (a worker runs many jobs)."""
+    from edge_client.data import load_mnist
+
+    return load_mnist()
 
 
 # ------------------------------------------------------------------------- 1. cost
@@ -139,22 +147,22 @@ def _device_round(job: dict[str, Any]) -> tuple[dict[str, np.ndarray], float, in
     added the same noise (correlation 1.00). ``results/dp*.json`` written before
     2026-12-01 come from such runs and understate what the code achieves.
     """
-    from edge_client.data import load_mnist
     from edge_client.model import build, to_numpy
     from edge_client.privacy import train_local_dp
     from edge_client.train import TrainSettings
 
     _torch_setup()
-    mnist = load_mnist()
+    mnist = _mnist()
     idx = job["idx"]
-    model = build(job["params"])
+    model = build(job["params"], activation=job["activation"])
     settings = TrainSettings(
-        epochs=job["epochs"], batch_size=job["batch"], lr=job["lr"], momentum=0.0,
-        seed=job["seed"], activation=job["activation"],
+        epochs=job["epochs"], batch_size=job["batch"], lr=job["lr"], momentum=job["momentum"],
+        seed=job["seed"], activation=job["activation"], optimizer="sgd",
     )  # fmt: skip
     res = train_local_dp(
         model, mnist.train_x[idx], mnist.train_y[idx], settings,
         noise_multiplier=job["sigma"], max_grad_norm=job["clip"], grad_sample_mode="ghost",
+        sample_rate=job["q"],
     )  # fmt: skip
     new = to_numpy(model)
     return {k: new[k] - job["params"][k] for k in new}, res.loss, res.steps
@@ -163,43 +171,49 @@ def _device_round(job: dict[str, Any]) -> tuple[dict[str, np.ndarray], float, in
 def sample_level(
     epsilons: list[float],
     *,
+    model: str,
     rounds: int,
     clients: int,
     epochs: int,
     batch: int,
     lr: float,
+    momentum: float,
     clip: float,
     activation: str,
     workers: int,
 ) -> list[dict[str, Any]]:
-    """The epsilons run side by side (threads), their devices' rounds in one process pool."""
+    """The epsilons run side by side (threads), their devices' rounds in one process pool.
+
+    Each device does what ``edge_client run --dp-epsilon`` does: the loader's true rate
+    and steps (``steps_per_participation``), noise calibrated once for all ``rounds``
+    participations with the PLD accountant (``DeviceLedger.plan_sample``), DP-SGD with
+    Opacus; the server averages the deltas (FedAvg, server learning rate 1)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from edge_client.data import load_mnist, partition
     from edge_client.model import build
-    from edge_client.train import evaluate
-    from fedcore.dp import rdp
-    from fedcore.dp.ledger import calibrate_noise
-    from fedcore.modelspec import init_params
+    from edge_client.privacy import steps_per_participation
+    from edge_client.train import TrainSettings, evaluate
+    from fedcore.dp import pld, rdp
+    from fedcore.modelspec import init_params, num_parameters, schema
 
     _torch_setup()
     mnist = load_mnist()
     shards = partition(mnist.train_y, clients, "iid", seed=0)
+    spec = schema(model)
 
     def one(target: float, pool: ProcessPoolExecutor) -> dict[str, Any]:
         n = len(shards[0])
-        q = batch / n
-        steps = epochs * math.ceil(n / batch)
-        # What each device does (DeviceLedger.plan_sample): calibrate once for all rounds.
-        sigma = calibrate_noise(target, 1e-5, q, steps * rounds)
-        params = init_params(seed=0)
+        q, steps = steps_per_participation(n, TrainSettings(epochs=epochs, batch_size=batch))
+        sigma = pld.calibrate_noise(target_epsilon=target, delta=1e-5, q=q, steps=steps * rounds)
+        params = init_params(spec, seed=0)
         curve = []
         t0 = time.perf_counter()
         for r in range(1, rounds + 1):
             jobs = [
                 {"idx": shards[c], "params": params, "epochs": epochs, "batch": batch,
-                 "lr": lr, "seed": 1000 * r + c, "sigma": sigma, "clip": clip,
-                 "activation": activation}
+                 "lr": lr, "momentum": momentum, "seed": 1000 * r + c, "sigma": sigma,
+                 "q": q, "clip": clip, "activation": activation}
                 for c in range(clients)
             ]  # fmt: skip
             results = list(pool.map(_device_round, jobs))
@@ -207,26 +221,39 @@ def sample_level(
                 k: params[k] + np.mean([d[k] for d, _, _ in results], axis=0).astype(np.float32)
                 for k in params
             }
-            spent = rdp.epsilon(
+            spent = pld.epsilon(sigma=sigma, q=q, steps=steps * r, delta=1e-5)
+            by_rdp = rdp.epsilon(
                 rdp.ORDERS, rdp.sampled_gaussian(q=q, sigma=sigma, steps=steps * r), 1e-5
             )[0]
             acc, _ = evaluate(build(params, activation=activation), mnist.test_x, mnist.test_y)
-            curve.append({"round": r, "epsilon": spent, "test_accuracy": acc})
+            curve.append(
+                {"round": r, "epsilon": spent, "epsilon_rdp": by_rdp, "test_accuracy": acc}
+            )
             print(
-                f"sample-level target eps {target}: round {r} eps {spent:.2f} acc {acc:.4f} "
-                f"({time.perf_counter() - t0:.0f}s)",
+                f"sample-level target eps {target}: round {r} eps {spent:.2f} (RDP {by_rdp:.2f}) "
+                f"acc {acc:.4f} ({time.perf_counter() - t0:.0f}s)",
                 flush=True,
             )
         return {
-            "target_epsilon": target,
+            "epsilon": target,
             "delta": 1e-5,
+            "accountant": "pld",
+            "model": f"{model} ({num_parameters(spec):,} parameters)",
+            "batch": batch,
+            "rounds": rounds,
+            "accuracy": curve[-1]["test_accuracy"],
+            "devices": clients,
+            "examples_per_device": n,
+            "epochs_per_round": epochs,
+            "lr": lr,
+            "momentum": momentum,
             "noise_multiplier": sigma,
             "sampling_rate": q,
             "steps_per_round": steps,
             "clip": clip,
             "activation": activation,
-            "final_test_accuracy": curve[-1]["test_accuracy"],
             "final_epsilon": curve[-1]["epsilon"],
+            "final_epsilon_rdp": curve[-1]["epsilon_rdp"],
             "curve": curve,
             "wall_s": time.perf_counter() - t0,
         }
@@ -239,21 +266,21 @@ def sample_level(
 
 
 # ------------------------------------------------------------------------- 3. user level
-def _plain_round(job: dict[str, Any]) -> list[np.ndarray]:
-    """Several simulated users' plain local training, flattened deltas (sorted names)."""
-    from edge_client.data import load_mnist
+def _member_deltas(job: dict[str, Any]) -> list[np.ndarray]:
+    """Several simulated members' plain local training: flattened deltas (sorted names)."""
     from edge_client.model import build, to_numpy
     from edge_client.train import TrainSettings, train_local
     from fedcore.secure_round import flatten_weighted
 
     _torch_setup()
-    mnist = load_mnist()
+    mnist = _mnist()
     out = []
     for i, idx in enumerate(job["shards"]):
         model = build(job["params"])
         settings = TrainSettings(
-            epochs=1, batch_size=job["batch"], lr=job["lr"], momentum=0.0, seed=job["seed"] + i
-        )
+            epochs=job["epochs"], batch_size=job["batch"], lr=job["lr"], momentum=0.0,
+            seed=job["seed"] + i, optimizer="sgd",
+        )  # fmt: skip
         train_local(model, mnist.train_x[idx], mnist.train_y[idx], settings)
         new = to_numpy(model)
         # The device's own layout: parameters in sorted-name order (weight slot dropped).
@@ -262,74 +289,128 @@ def _plain_round(job: dict[str, Any]) -> list[np.ndarray]:
 
 
 def user_level(
-    noises: list[float],
+    runs: list[tuple[float, float, int]],
     *,
-    users: int,
-    rounds: int,
+    model: str,
+    devices: int,
+    cohort_size: int,
     clip: float,
+    epochs: int,
     batch: int,
     lr: float,
     server_lr: float,
+    workers: int,
 ) -> list[dict[str, Any]]:
+    """User-level distributed DP at scale: ``devices`` devices (IID shards), cohorts of
+    ``cohort_size``, each run ``(z, p, participations)``: Skellam noise multiplier z, random
+    check-in probability p, and how many cohorts each device joins.
+
+    Cohorts are consecutive blocks of a fresh random order of the devices per pass (the
+    server's choice, public: no amplification is claimed from it). Each member trains
+    plainly, draws its check-in coin (``draw_checkin``: tails sends zeros), clips,
+    quantizes and adds its Skellam share (``DistributedDP.privatize``); the sum is decoded
+    with the function's checks (``decode_checked``). Each member books what the device
+    books (``EdgeDevice.user_dp_refusal``/``book_release``): the worst-case release RDP at
+    the cohort's minimum, amplified at p (``booked_rate``, ``poisson_subsampled``). The
+    pairwise masks are left out: they cancel exactly in the sum (the integration tests
+    check that bit for bit); noise, clip, quantization, coins and accounting are real."""
     from edge_client.data import load_mnist, partition
     from edge_client.model import build
     from edge_client.train import evaluate
     from fedcore.dp import rdp
+    from fedcore.dp.amplification import booked_rate, draw_checkin, poisson_subsampled
     from fedcore.dp.distributed import DistributedDP, secure_generator
-    from fedcore.modelspec import init_params
+    from fedcore.modelspec import init_params, num_parameters, schema
     from fedcore.server.secure import unflatten
 
     _torch_setup()
     mnist = load_mnist()
-    shards = partition(mnist.train_y, users, "iid", seed=0)
+    shards = partition(mnist.train_y, devices, "iid", seed=0)
+    spec = schema(model)
+    dim = num_parameters(spec)
     out = []
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        for z in noises:
-            params = init_params(seed=0)
-            schema = {k: ("F32", v.shape) for k, v in params.items()}
-            ledger = rdp.Ledger()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for z, p, participations in runs:
+            dp = DistributedDP.for_cohort(
+                clip=clip, noise_multiplier=z, delta=1e-5, n=cohort_size, min_survivors=cohort_size
+            )
+            rate = booked_rate(p, secure=True, distributed_dp=True)
+            booked = poisson_subsampled(
+                rdp=dp.worst_case_rdp(cohort_size, dim), orders=rdp.INTEGER_ORDERS, q=rate
+            )
+            order_rng = np.random.default_rng(0)  # the server's (public) choice of members
+
+            def spent(k: int, booked: list[float] = booked) -> float:
+                if k == 0:  # in no release yet: nothing spent
+                    return 0.0
+                return rdp.epsilon(rdp.INTEGER_ORDERS, [k * b for b in booked], 1e-5)[0]
+
+            joined = np.zeros(devices, dtype=np.int64)
+            params = init_params(spec, seed=0)
+            flat_schema = {k: ("F32", v.shape) for k, v in params.items()}
             curve = []
             t0 = time.perf_counter()
-            for r in range(1, rounds + 1):
-                half = users // 2
+            cohorts = [
+                block
+                for _ in range(participations)
+                for perm in [order_rng.permutation(devices)]
+                for block in np.array_split(perm, devices // cohort_size)
+            ]
+            for version, members in enumerate(cohorts, start=1):
+                halves = np.array_split(members, workers)
                 jobs = [
-                    {"shards": shards[a:b], "params": params, "batch": batch, "lr": lr, "seed": 7 * r + a}
-                    for a, b in ((0, half), (half, users))
+                    {"shards": [shards[m] for m in part], "params": params, "epochs": epochs,
+                     "batch": batch, "lr": lr, "seed": 7919 * version + int(part[0])}
+                    for part in halves if len(part)
                 ]  # fmt: skip
-                deltas = [d for part in pool.map(_plain_round, jobs) for d in part]
-                if z > 0:
-                    dp = DistributedDP.for_cohort(
-                        clip=clip, noise_multiplier=z, delta=1e-5, n=users,
-                        min_survivors=math.ceil(0.9 * users),
-                    )  # fmt: skip
-                    rng = secure_generator()
-                    total = np.zeros(deltas[0].size + 1, dtype=np.uint32)
-                    for d in deltas:
-                        codes, _ = dp.privatize(d, rng)
-                        total += codes
-                    mean = dp.decode_sum(total, users) / users
-                    release = dp.release(users, deltas[0].size)
-                    ledger = ledger.plus(release["rdp"])
-                    eps = ledger.epsilon(1e-5)
-                else:  # no noise: the same clipped mean, for reference
-                    mean = np.mean([d * min(1.0, clip / np.linalg.norm(d)) for d in deltas], axis=0)
-                    eps = math.inf
-                step = unflatten(mean, schema)  # the function's decoding layout
+                deltas = [d for part in pool.map(_member_deltas, jobs) for d in part]
+                rng = secure_generator()
+                total = np.zeros(dim + 1, dtype=np.uint32)
+                contributed = 0
+                for d in deltas:
+                    if not draw_checkin(rate):  # tails: zeros go in, clipped, noised alike
+                        d = np.zeros_like(d)
+                    else:
+                        contributed += 1
+                    total += dp.privatize(d, rng)[0]
+                mean = dp.decode_checked(total, len(deltas))
+                step = unflatten(mean, flat_schema)
                 params = {k: (params[k] + server_lr * step[k]).astype(np.float32) for k in params}
+                joined[members] += 1
                 acc, _ = evaluate(build(params), mnist.test_x, mnist.test_y)
-                curve.append({"round": r, "epsilon": eps, "test_accuracy": acc})
+                eps_max, eps_median = spent(int(joined.max())), spent(int(np.median(joined)))
+                curve.append(
+                    {"version": version, "test_accuracy": acc, "contributed": contributed,
+                     "max_device_epsilon": eps_max, "median_device_epsilon": eps_median}
+                )  # fmt: skip
                 print(
-                    f"user-level z {z}: round {r} eps {eps:.2f} acc {acc:.4f} "
-                    f"({time.perf_counter() - t0:.0f}s)",
+                    f"user-level z {z} p {p}: version {version}/{len(cohorts)} acc {acc:.4f} "
+                    f"device eps max {eps_max:.2f} median {eps_median:.2f} "
+                    f"({contributed} of {len(deltas)} contributed, "
+                    f"{time.perf_counter() - t0:.0f}s)",
                     flush=True,
                 )
             out.append(
                 {
+                    "devices": devices,
+                    "cohort_size": cohort_size,
+                    "mechanism": f"distributed Skellam (zero-out neighbours), random check-ins p={p}",
+                    "max_device_epsilon": curve[-1]["max_device_epsilon"],
+                    "median_device_epsilon": curve[-1]["median_device_epsilon"],
+                    "accuracy": curve[-1]["test_accuracy"],
+                    "best_accuracy": max(c["test_accuracy"] for c in curve),
+                    "delta": 1e-5,
+                    "accountant": "rdp (Skellam, Agarwal et al. 2021; check-in amplification "
+                    "Zhu and Wang 2019)",
+                    "model": f"{model} ({dim:,} parameters)",
                     "noise_multiplier": z,
                     "clip": clip,
-                    "users_per_round": users,
-                    "final_test_accuracy": curve[-1]["test_accuracy"],
-                    "final_epsilon": curve[-1]["epsilon"],
+                    "checkin_p": p,
+                    "participations_per_device": participations,
+                    "versions": len(cohorts),
+                    "examples_per_device": len(shards[0]),
+                    "local_training": {"epochs": epochs, "batch": batch, "lr": lr},
+                    "server_lr": server_lr,
                     "curve": curve,
                     "wall_s": time.perf_counter() - t0,
                 }
@@ -349,34 +430,17 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.plot(
             *zip(*pts, strict=True),
             marker="o",
-            label=f"sample-level, target eps {row['target_epsilon']}",
+            label=f"sample-level, target eps {row['epsilon']}, {row['model']}",
         )
     for row in doc["user_level"]:
-        pts = [
-            (p["epsilon"], p["test_accuracy"]) for p in row["curve"] if math.isfinite(p["epsilon"])
-        ]
-        if pts:
-            ax.plot(
-                *zip(*pts, strict=True),
-                marker="s",
-                ls="--",
-                label=f"user-level, z {row['noise_multiplier']}",
-            )
-    scale = path.with_name("scale_user_dp.json")  # benchmarks/scale.py --dp-user-noise Z
-    if scale.exists():
-        run = json.loads(scale.read_text())
-        pts = [
-            (p["device_epsilon_max"], p["test_accuracy"]) for p in run["accuracy_vs_user_epsilon"]
-        ]
-        if pts:
-            ax.plot(
-                *zip(*pts, strict=True),
-                marker="^",
-                ls=":",
-                label=f"user-level, {run['target']['devices']} devices in cohorts of "
-                f"{run['target']['cohort_size']}, z {run['server']['dp_user_noise']} "
-                "(scale.py; most-spent device)",
-            )
+        pts = [(p["max_device_epsilon"], p["test_accuracy"]) for p in row["curve"]]
+        ax.plot(
+            *zip(*pts, strict=True),
+            marker="s",
+            ls="--",
+            label=f"user-level, {row['devices']} devices in cohorts of {row['cohort_size']}, "
+            f"z {row['noise_multiplier']}, p {row['checkin_p']} (most-spent device)",
+        )
     for ref in REFERENCES["opacus_mnist_example"] + REFERENCES["tramer_boneh_2021_end_to_end_cnn"]:
         ax.scatter([ref["epsilon"]], [ref["accuracy"]], marker="*", color="k")
     ax.set_xscale("log")
@@ -389,21 +453,35 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _user_run(text: str) -> tuple[float, float, int]:
+    z, p, k = text.split(":")
+    return float(z), float(p), int(k)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.dp", description=__doc__)
     ap.add_argument("--epsilons", default="1,3,8")
-    # The DP demo's local training (infra/demo.py DP_TRAINING): E=1, B=256, lr 2, no momentum.
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=2.0)
-    ap.add_argument("--clip", type=float, default=1.0, help="DP-SGD per-sample clip norm")
+    # The DP-friendly model's training (edge_client.defaults.DP_CNN_TRAINING).
+    ap.add_argument("--model", choices=["simple_cnn", "dp_cnn"], default="dp_cnn")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--clip", type=float, default=0.1, help="DP-SGD per-sample clip norm")
     ap.add_argument("--activation", choices=["relu", "tanh"], default="tanh")
     ap.add_argument("--workers", type=int, default=2, help="processes for the devices' training")
-    ap.add_argument("--user-noises", default="0,0.1,0.3,1")
-    ap.add_argument("--users", type=int, default=100)
-    ap.add_argument("--user-rounds", type=int, default=4)
+    ap.add_argument(
+        "--user-runs",
+        default="1.5:0.2:5,1.6:1:1",
+        help="user-level runs z:p:k (noise multiplier, check-in probability, cohorts each "
+        "device joins); the defaults keep every device's epsilon within 3",
+    )
+    ap.add_argument("--user-model", choices=["simple_cnn", "dp_cnn"], default="dp_cnn")
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--cohort-size", type=int, default=100)
     ap.add_argument("--user-clip", type=float, default=0.5)
+    ap.add_argument("--user-server-lr", type=float, default=1.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: cost,sample,user")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -415,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     skip = set(filter(None, args.skip.split(",")))
     if args.quick:
-        args.epsilons, args.rounds, args.user_noises, args.user_rounds = "3", 1, "1", 1
+        args.epsilons, args.rounds, args.user_runs = "3", 1, "1.5:0.5:1"
+        args.devices, args.cohort_size = 40, 20
     doc: dict[str, Any] = {
         "benchmark": "dp",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -438,15 +517,19 @@ def main(argv: list[str] | None = None) -> int:
     if "sample" not in skip:
         doc["sample_level"] = sample_level(
             [float(e) for e in args.epsilons.split(",")],
-            rounds=args.rounds, clients=10, epochs=args.epochs, batch=args.batch, lr=args.lr,
-            clip=args.clip, activation=args.activation, workers=args.workers,
+            model=args.model, rounds=args.rounds, clients=10, epochs=args.epochs,
+            batch=args.batch, lr=args.lr, momentum=args.momentum, clip=args.clip,
+            activation=args.activation, workers=args.workers,
         )  # fmt: skip
         save()
     if "user" not in skip:
+        from edge_client.defaults import SIM_TRAINING as sim  # small shards' local training
+
         doc["user_level"] = user_level(
-            [float(z) for z in args.user_noises.split(",")],
-            users=args.users, rounds=args.user_rounds, clip=args.user_clip, batch=10,
-            lr=0.05, server_lr=1.0,
+            [_user_run(r) for r in args.user_runs.split(",")],
+            model=args.user_model, devices=args.devices, cohort_size=args.cohort_size,
+            clip=args.user_clip, epochs=sim.epochs, batch=sim.batch_size, lr=sim.lr,
+            server_lr=args.user_server_lr, workers=args.workers,
         )  # fmt: skip
     save()
     if doc.get("sample_level") and doc.get("user_level"):

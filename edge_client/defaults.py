@@ -42,6 +42,11 @@ DEVICE_TRAINING = Training(epochs=1, batch_size=32, lr=0.002, momentum=0.0, opti
 # DP-SGD: large batches, no momentum and a larger step (the noise's norm grows with the
 # model's 1.2M dimensions and shrinks with the batch); ``make demo --dp-epsilon``.
 DP_SGD_TRAINING = Training(epochs=1, batch_size=256, lr=2.0, momentum=0.0)
+# DP-SGD on the DP-friendly model (``--model dp_cnn``: 26k parameters, GroupNorm, tanh):
+# Tramer & Boneh's recipe of momentum 0.9 and a small per-sample clip, with the batch and
+# step chosen on 10 devices x 6,000 images at epsilon 3 (benchmarks/dp.py, README).
+DP_CNN_SGD_TRAINING = Training(epochs=3, batch_size=256, lr=2.0, momentum=0.9)
+DP_CNN_MAX_GRAD_NORM = 0.1
 # Small shards (60 examples each for 1,000 devices): several short epochs, plain SGD
 # (momentum 0.9 over 30 steps of batch 10 overshoots and the average oscillates).
 SIM_TRAINING = Training(epochs=5, batch_size=10, lr=0.1, momentum=0.0)

@@ -146,6 +146,7 @@ class Device:
         self._dp_plan: tuple[float, float] | None = None  # (noise multiplier, sampling rate)
         # The open cohort's id and the rate its release is booked at (random check-in).
         self._checkin: tuple[str, float] | None = None
+        self._dimension: int | None = None  # the model's parameter count, once fetched
         self.x, self.y = x, y
         self.train = train
         self.loop = loop
@@ -215,7 +216,7 @@ class Device:
         rate = booked_rate(
             want.checkin_p, secure=cfg.mode is Mode.SECAGG, distributed_dp=cfg.dp is not None
         )
-        worst = dp.worst_case_rdp(cfg.min_members, num_parameters())
+        worst = dp.worst_case_rdp(cfg.min_members, self.model_dimension(cfg.base_version))
         try:
             self.budget.check_user(_amplified(worst, rate), want.target_epsilon, want.delta)
         except BudgetExhausted as exc:
@@ -248,6 +249,16 @@ class Device:
         if rate < 1:
             extra = f" (without random check-ins: {self.budget.user_epsilon_unamplified():.3f})"
         self.log(f"user-level epsilon spent: {self.budget.user_epsilon():.3f}{extra}")
+
+    def model_dimension(self, version: int) -> int:
+        """The parameter count of the model this federation trains (every version has
+        the schema version 0 was seeded with), fetched once: a release's sensitivity
+        after quantization grows with it, so the device books the model it trains."""
+        if self._dimension is None:
+            self._dimension = num_parameters(
+                {k: v.shape for k, v in self.p.fetch_model(version).items()}
+            )
+        return self._dimension
 
     def train_update(self, cfg: CohortConfig, *, budget_s: float | None = None) -> Update:
         """Train from ``cfg``'s base version (UnusableUpdateError if it diverged), as many

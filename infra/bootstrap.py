@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedcore.modelspec import num_parameters
+from fedcore.modelspec import DEFAULT_MODEL, MODELS, num_parameters
 from fedcore.storage import S3Store
 from infra.stack import seed_bucket
 
@@ -21,10 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket", required=True)
     p.add_argument("--endpoint-url", default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    p.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default=DEFAULT_MODEL,
+        help="the model to train: simple_cnn (1.2M parameters, the default) or dp_cnn "
+        "(26k, GroupNorm and tanh: for sample-level DP-SGD); fixed by version 0",
+    )
     args = p.parse_args(argv)
     store = S3Store.connect(args.bucket, args.endpoint_url)
-    if seed_bucket(store, model_seed=args.seed):
-        print(f"seeded s3://{args.bucket}/global/v00000000 ({num_parameters():,} parameters)")
+    if seed_bucket(store, model_seed=args.seed, model=args.model):
+        size = num_parameters(MODELS[args.model])
+        print(f"seeded s3://{args.bucket}/global/v00000000: {args.model}, {size:,} parameters")
     else:
         print(f"s3://{args.bucket} already has a global model; left unchanged")
     return 0

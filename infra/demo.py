@@ -33,6 +33,7 @@ from fedcore.errors import FedError, NotFoundError
 from fedcore.gateway import issue_token
 from fedcore.layout import Phase
 from fedcore.messages import parse_result
+from fedcore.modelspec import DEFAULT_MODEL, MODELS
 from fedcore.operator import certify, load_or_create_operator_key, public_text
 from fedcore.secagg import crypto
 from fedcore.server.settings import ServerSettings
@@ -46,6 +47,8 @@ from infra.watch import Ended, VersionWatch, waiting_lines
 PLAIN_TRAINING = {**asdict(d.DEVICE_TRAINING), "round_deadline_s": 90.0, "versions": 8}
 # DP-SGD is about 3x slower per example: a longer input round and fewer versions.
 DP_TRAINING = {**asdict(d.DP_SGD_TRAINING), "round_deadline_s": 400.0, "versions": 4}
+# The DP-friendly model: three epochs a participation, ten participations.
+DP_CNN_TRAINING = {**asdict(d.DP_CNN_SGD_TRAINING), "round_deadline_s": 400.0, "versions": 10}
 # While no new version comes: at most this often, a line per open cohort saying why.
 NOTE_EVERY_S = 10.0
 
@@ -53,7 +56,7 @@ NOTE_EVERY_S = 10.0
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infra.demo", description=__doc__)
     server = ServerSettings()
-    plain, dp = PLAIN_TRAINING, DP_TRAINING
+    plain, dp, dpc = PLAIN_TRAINING, DP_TRAINING, DP_CNN_TRAINING
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--cohort-size", type=int, default=5)
     p.add_argument(
@@ -66,14 +69,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--versions", type=int, default=None,
-        help=f"stop after this many versions ({plain['versions']}; DP-SGD: {dp['versions']})",
+        help=f"stop after this many versions ({plain['versions']}; DP-SGD: {dp['versions']}, "
+        f"on dp_cnn {dpc['versions']})",
     )  # fmt: skip
     p.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default=d.PARTITION)
     p.add_argument("--alpha", type=float, default=d.DIRICHLET_ALPHA)
 
     # Local training; None picks PLAIN_TRAINING's, or DP_TRAINING's under --dp-epsilon.
     def default(key: str) -> str:
-        return f"default {plain[key]} (DP-SGD: {dp[key]})"
+        return f"default {plain[key]} (DP-SGD: {dp[key]}; DP-SGD on dp_cnn: {dpc[key]})"
 
     p.add_argument("--epochs", type=int, default=None, help=default("epochs"))
     p.add_argument("--batch-size", type=int, default=None, help=default("batch_size"))
@@ -87,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=None,
         help=f"limit of the training/input round ({plain['round_deadline_s']:.0f} s; "
-        f"DP-SGD: {dp['round_deadline_s']:.0f} s)",
+        f"DP-SGD: {dpc['round_deadline_s']:.0f} s)",
     )
     p.add_argument(
         "--deadline-margin",
@@ -142,6 +146,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--dp-delta", type=float, default=d.DP_DELTA)
     p.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default=DEFAULT_MODEL,
+        help="what version 0 is: simple_cnn (1.2M parameters) or dp_cnn (26k, GroupNorm, "
+        "tanh; with --dp-epsilon it trains with DP_CNN_TRAINING and a per-sample clip of "
+        f"{d.DP_CNN_MAX_GRAD_NORM})",
+    )
+    p.add_argument(
         "--dp-user-noise",
         type=float,
         default=d.DP_USER_NOISE,
@@ -168,7 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # DP-SGD wants large batches, no momentum and a larger step (the noise's norm grows
     # with the model's 1.2M dimensions and shrinks with the batch).
-    base = DP_TRAINING if args.dp_epsilon else PLAIN_TRAINING
+    base = dp_training(args.model) if args.dp_epsilon else PLAIN_TRAINING
     for name, value in base.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -193,6 +205,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def dp_training(model: str) -> dict[str, Any]:
+    """The demo's DP-SGD training for ``model`` (its help text and its defaults)."""
+    return DP_CNN_TRAINING if model == "dp_cnn" else DP_TRAINING
+
+
 def devices_accept_small_cohorts(args: argparse.Namespace) -> bool:
     """Whether the run's secure cohorts may complete below the devices' default floor, so
     the devices are started with ``--min-survivors`` and the person is told."""
@@ -206,6 +223,8 @@ def device_privacy_args(args: argparse.Namespace) -> list[str]:
         rounds = math.ceil(args.versions * args.cohort_size / args.clients) + 1
         cmd += ["--dp-epsilon", str(args.dp_epsilon), "--dp-delta", str(args.dp_delta)]
         cmd += ["--dp-planned-rounds", str(rounds)]
+        if args.model == "dp_cnn":
+            cmd += ["--dp-max-grad-norm", str(d.DP_CNN_MAX_GRAD_NORM)]
     if args.dp_user_noise:
         # The noisy global model has large weights: keep local steps finite.
         cmd += ["--max-grad-norm", "1.0"]
@@ -456,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         duplicate=args.duplicate_events,
         shuffle=args.shuffle_events,
         log_path=out / "functions.log",
+        model=args.model,
     ) as stack:
         print(
             f"S3 API {stack.endpoint_url}, bucket {bucket}; device logs in {out / 'devices'}, "

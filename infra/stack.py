@@ -22,7 +22,7 @@ from typing import Any
 from fedcore.clock import Clock, ManualClock
 from fedcore.errors import NotFoundError
 from fedcore.events import scheduled_event
-from fedcore.modelspec import init_params
+from fedcore.modelspec import DEFAULT_MODEL, init_params, schema
 from fedcore.server.settings import ServerSettings
 from fedcore.storage import S3Store
 from fedcore.versions import read_pointer, seed
@@ -37,14 +37,17 @@ log = logging.getLogger(__name__)
 SETTING_ENV = ServerSettings.env_names()
 
 
-def seed_bucket(store: S3Store, *, model_seed: int = 0) -> bool:
-    """Create the bucket and version 0 unless present; True if this call seeded."""
+def seed_bucket(store: S3Store, *, model_seed: int = 0, model: str = DEFAULT_MODEL) -> bool:
+    """Create the bucket and version 0 of ``model`` (a ``fedcore.modelspec.MODELS`` name)
+    unless present; True if this call seeded. Version 0 fixes the model for good: devices
+    build whatever its tensors fit."""
+    spec = schema(model)  # an unknown name fails even where the bucket is seeded already
     store.ensure_bucket()
     try:
         read_pointer(store)
         return False
     except NotFoundError:
-        return seed(store, init_params(seed=model_seed))
+        return seed(store, init_params(spec, seed=model_seed))
 
 
 def route_function_logs(path: Path | None, level: str = "INFO") -> None:
@@ -83,8 +86,11 @@ class LocalStack:
         notifications: PushSource | None = None,
         gateway: bool = True,
         clock: Clock | None = None,
+        model: str = DEFAULT_MODEL,
     ) -> None:
-        """``clock`` is the time the aggregator and the sweeper read (None: the system's).
+        """``model`` is what version 0 is seeded with (if the bucket has none yet).
+
+        ``clock`` is the time the aggregator and the sweeper read (None: the system's).
 
         A ``ManualClock`` makes deadlines pass only when a test calls ``advance``:
         cohort configs, manifests and results are stamped with it too, so every
@@ -92,6 +98,8 @@ class LocalStack:
         system clock, since it checks the devices' own (real) timestamps.
         """
         self._given_endpoint = endpoint_url
+        schema(model)  # an unknown name fails here, before any server starts
+        self.model = model
         self.gateway = gateway  # serve the device gateway (presigned URLs) on gateway_url
         self.gateway_url = ""
         self._gateway: Any = None
@@ -157,7 +165,7 @@ class LocalStack:
 
         route_function_logs(self.log_path)
         self.store = S3Store.connect(self.bucket, self.endpoint_url)
-        seed_bucket(self.store)
+        seed_bucket(self.store, model=self.model)
         self.pump = EventPump(
             self.store,
             self.invocations.timed("aggregator", aggregate),

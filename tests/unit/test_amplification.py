@@ -300,3 +300,29 @@ def test_amplification_is_torch_free_and_the_function_never_loads_it() -> None:
         "sys.exit(bool(bad) or 'fedcore.dp.amplification' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_device_books_the_model_it_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GIVEN a federation seeded with the 26k-parameter DP model WHEN a device weighs two
+    user-level DP cohorts THEN both worst cases are sized for that model's dimension (the
+    release's sensitivity after quantization grows with it), and the model is fetched once."""
+    from fedcore.dp.distributed import DistributedDP
+    from fedcore.modelspec import DP_CNN, init_params
+
+    dims: list[int] = []
+    real = DistributedDP.worst_case_rdp
+
+    def spy(self: DistributedDP, min_members: int, dim: int) -> list[float]:
+        dims.append(dim)
+        return real(self, min_members, dim)
+
+    monkeypatch.setattr(DistributedDP, "worst_case_rdp", spy)
+    dev = _device(tmp_path, 1.0)
+    fetched: list[int] = []
+    params = init_params(DP_CNN)
+    dev.p.fetch_model = lambda version: fetched.append(version) or params
+    assert dev.user_dp_refusal(_cfg(cid="c00000001")) is None
+    assert dev.user_dp_refusal(_cfg(cid="c00000002")) is None
+    assert dims == [26_106, 26_106] and fetched == [0]
