@@ -464,18 +464,19 @@ def main(argv: list[str] | None = None) -> int:
     # The DP-friendly model's training (edge_client.defaults.DP_CNN_TRAINING).
     ap.add_argument("--model", choices=["simple_cnn", "dp_cnn"], default="dp_cnn")
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=600)
-    ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2.0)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--clip", type=float, default=0.1, help="DP-SGD per-sample clip norm")
     ap.add_argument("--activation", choices=["relu", "tanh"], default="tanh")
     ap.add_argument("--workers", type=int, default=2, help="processes for the devices' training")
     ap.add_argument(
         "--user-runs",
-        default="1.5:0.2:5,1.6:1:1",
+        default="3:1:3,2:0.5:3",
         help="user-level runs z:p:k (noise multiplier, check-in probability, cohorts each "
-        "device joins); the defaults keep every device's epsilon within 3",
+        "device joins); the defaults keep every device's epsilon within 3 and maximise "
+        "sqrt(k) * p / z (the signal-to-noise of the summed releases) among such settings",
     )
     ap.add_argument("--user-model", choices=["simple_cnn", "dp_cnn"], default="dp_cnn")
     ap.add_argument("--devices", type=int, default=1000)
@@ -505,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.out.exists():  # keep parts measured earlier when some are skipped
         old = json.loads(args.out.read_text())
-        doc.update({k: old[k] for k in ("cost", "sample_level", "user_level") if k in old})
+        doc.update({k: v for k, v in old.items() if k.startswith(("cost", "sample", "user"))})
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after each part, so a long run that is cut short keeps what it did
@@ -513,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "cost" not in skip:
         doc["cost"] = epoch_costs(activation=args.activation)
+        doc["cost_created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         save()
     if "sample" not in skip:
         doc["sample_level"] = sample_level(
@@ -521,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             batch=args.batch, lr=args.lr, momentum=args.momentum, clip=args.clip,
             activation=args.activation, workers=args.workers,
         )  # fmt: skip
+        doc["sample_level_created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         save()
     if "user" not in skip:
         from edge_client.defaults import SIM_TRAINING as sim  # small shards' local training
@@ -531,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             clip=args.user_clip, epochs=sim.epochs, batch=sim.batch_size, lr=sim.lr,
             server_lr=args.user_server_lr, workers=args.workers,
         )  # fmt: skip
+        doc["user_level_created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save()
     if doc.get("sample_level") and doc.get("user_level"):
         plot(doc, args.out.with_suffix(".png"))

@@ -108,3 +108,47 @@ def test_devices_train_two_versions_through_the_stack(
     st = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True, timeout=60)
     assert st.returncode == 0, st.stderr
     assert "head version 2" in st.stdout and "applied v2" in st.stdout
+
+
+def test_devices_train_the_dp_model_with_dp_sgd_through_the_stack(
+    s3_endpoint: str, store: S3Store, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """GIVEN a bucket seeded with the DP-friendly model WHEN 3 device processes (no model
+    flag: the bucket decides) train a secure cohort with DP-SGD at epsilon 3 THEN version 1
+    is that model, and each device logged its noise and the epsilon it spent."""
+    from fedcore.modelspec import model_of
+    from fedcore.versions import load_model
+
+    settings = {"cohort_size": 3, "min_cohort_size": 2, "round_deadline_s": 120}
+    with LocalStack(
+        endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, model="dp_cnn"
+    ):
+        env = dict(
+            os.environ, S3_ENDPOINT_URL=s3_endpoint, BUCKET=store.bucket, FL_STATE_DIR=str(tmp_path)
+        )
+        dp_flags = [
+            "--dp-epsilon", "3", "--dp-max-grad-norm", "0.1",
+            "--batch-size", "50", "--lr", "2", "--momentum", "0.9",
+        ]  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                [
+                    *[sys.executable, "-m", "edge_client", "run", "--client-id", f"dev-{i}"],
+                    *["--num-shards", "3", "--shard", str(i), "--max-samples", "200"],
+                    *["--until-version", "1", "--poll-s", "0.2", *dp_flags],
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(3)
+        ]
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    params, _, _ = load_model(store, 1)
+    assert model_of(params) == "dp_cnn"
+    assert all(np.isfinite(v).all() for v in params.values())
+    for out in outputs:
+        assert "DP-SGD (noise" in out and "sample-level epsilon spent" in out
+    assert_consistent(store)

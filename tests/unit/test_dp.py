@@ -589,3 +589,28 @@ def test_demo_passes_random_check_ins_to_its_devices(monkeypatch: pytest.MonkeyP
     for bad in ("0", "1.5"):
         with pytest.raises(SystemExit):
             demo_args(["--dp-user-noise", "1", "--dp-user-checkin-p", bad])
+
+
+def test_demo_trains_the_dp_model_with_its_own_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make demo ARGS='--model dp_cnn --dp-epsilon 3'``: the devices get the DP model's
+    training (momentum 0.9, its batch and step) and its per-sample clip, which parse on the
+    device; SimpleCNN's DP recipe and clip are unchanged, and an unknown model is refused."""
+    from edge_client import defaults as d
+    from edge_client.__main__ import parse_args as device_args
+    from infra.demo import device_privacy_args
+    from infra.demo import parse_args as demo_args
+
+    args = demo_args(["--model", "dp_cnn", "--dp-epsilon", "3"])
+    recipe = d.DP_CNN_SGD_TRAINING
+    assert (args.epochs, args.batch_size, args.lr, args.momentum) == (
+        recipe.epochs, recipe.batch_size, recipe.lr, recipe.momentum,
+    )  # fmt: skip
+    flags = device_privacy_args(args)
+    monkeypatch.delenv("FL_OPERATOR_KEY", raising=False)
+    parsed = device_args(["run", "--bucket", "b", "--client-id", "dev-000", *flags])
+    assert parsed.dp_max_grad_norm == d.DP_CNN_MAX_GRAD_NORM
+    simple = demo_args(["--dp-epsilon", "3"])
+    assert simple.model == "simple_cnn" and simple.lr == d.DP_SGD_TRAINING.lr
+    assert "--dp-max-grad-norm" not in device_privacy_args(simple)
+    with pytest.raises(SystemExit):
+        demo_args(["--model", "resnet"])
