@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +42,38 @@ def test_local_training_learns() -> None:
     assert after > max(0.6, before + 0.3)
 
 
+def _run_devices(
+    s3_endpoint: str,
+    store: S3Store,
+    state_dir: Path,
+    *,
+    until_version: int,
+    extra: list[str] | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """Three `python -m edge_client run` processes with 200 images each, until a version;
+    their environment and outputs (each must exit 0)."""
+    env = dict(
+        os.environ, S3_ENDPOINT_URL=s3_endpoint, BUCKET=store.bucket, FL_STATE_DIR=str(state_dir)
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                *[sys.executable, "-m", "edge_client", "run", "--client-id", f"dev-{i}"],
+                *["--num-shards", "3", "--shard", str(i), "--max-samples", "200"],
+                *["--until-version", str(until_version), "--poll-s", "0.2", *(extra or [])],
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    return env, outputs
+
+
 def test_devices_train_two_versions_through_the_stack(
     s3_endpoint: str, store: S3Store, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -60,38 +93,7 @@ def test_devices_train_two_versions_through_the_stack(
         duplicate=True,
         shuffle=True,
     ):
-        env = dict(
-            os.environ, S3_ENDPOINT_URL=s3_endpoint, BUCKET=store.bucket, FL_STATE_DIR=str(tmp_path)
-        )
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "edge_client",
-                    "run",
-                    "--client-id",
-                    f"dev-{i}",
-                    "--num-shards",
-                    "3",
-                    "--shard",
-                    str(i),
-                    "--max-samples",
-                    "200",
-                    "--until-version",
-                    "2",
-                    "--poll-s",
-                    "0.2",
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for i in range(3)
-        ]
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0, 0], outputs
+        env, outputs = _run_devices(s3_endpoint, store, tmp_path, until_version=2)
     assert find_head(store) == 2
     for v in (1, 2):
         assert len(read_meta(store, v).members) == 3
@@ -123,29 +125,11 @@ def test_devices_train_the_dp_model_with_dp_sgd_through_the_stack(
     with LocalStack(
         endpoint_url=s3_endpoint, bucket=store.bucket, settings=settings, model="dp_cnn"
     ):
-        env = dict(
-            os.environ, S3_ENDPOINT_URL=s3_endpoint, BUCKET=store.bucket, FL_STATE_DIR=str(tmp_path)
-        )
         dp_flags = [
             "--dp-epsilon", "3", "--dp-max-grad-norm", "0.1",
             "--batch-size", "50", "--lr", "2", "--momentum", "0.9",
         ]  # fmt: skip
-        procs = [
-            subprocess.Popen(
-                [
-                    *[sys.executable, "-m", "edge_client", "run", "--client-id", f"dev-{i}"],
-                    *["--num-shards", "3", "--shard", str(i), "--max-samples", "200"],
-                    *["--until-version", "1", "--poll-s", "0.2", *dp_flags],
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for i in range(3)
-        ]
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0, 0], outputs
+        _, outputs = _run_devices(s3_endpoint, store, tmp_path, until_version=1, extra=dp_flags)
     params, _, _ = load_model(store, 1)
     assert model_of(params) == "dp_cnn"
     assert all(np.isfinite(v).all() for v in params.values())
