@@ -1,35 +1,36 @@
-"""Accuracy and cost of differential privacy on MNIST with the SimpleCNN.
+"""Accuracy and cost of differential privacy on MNIST.
 
 Three measurements, written to ``benchmarks/results/dp.json``:
 
-1. **DP-SGD cost**: one local epoch (600 examples at B=10 as in the secure-
-   aggregation benchmark; 6,000 examples at B=64 and at B=256, the batch the
-   sample-level runs use) without privacy, with Opacus' fast gradient
-   clipping ("ghost") and with per-sample hooks (the two smaller points), in
-   the same process, interleaved, as ratios to the non-private epoch. Same
-   model, nonlinearity and optimizer both ways.
-2. **Sample-level DP, federated**: 10 devices (IID shards of 6,000), every
-   device in every round, each running DP-SGD with the device code
-   (``edge_client.privacy``: calibration, Opacus ghost clipping; the tanh
-   SimpleCNN that ``edge_client run --dp-epsilon`` trains), FedAvg of their
-   deltas; for target epsilon 1, 3 and 8 (delta 1e-5) spent over ``rounds``
-   participations. Test accuracy on the 10,000 test images after each round,
-   with the epsilon spent so far (the same for every device).
-3. **User-level distributed DP**: ``users`` simulated devices (small IID
-   shards), all in one cohort per round; each trains one plain epoch, clips
-   its delta, quantizes and adds its Skellam share with the product's code
-   (``DistributedDP.privatize``), the sum is decoded with the function's code
-   (``decode_sum``), and the release is accounted (``release``; composed over
-   rounds). The pairwise masks are left out because they cancel exactly in
-   the sum (the integration tests check that bit for bit); the noise, clip,
-   quantization and accounting are the real ones.
+1. **DP-SGD cost** (SimpleCNN): one local epoch (600 examples at B=10 as in the
+   secure-aggregation benchmark; 6,000 examples at B=64 and at B=256) without
+   privacy, with Opacus' fast gradient clipping ("ghost") and with per-sample
+   hooks (the smallest point), in the same process, interleaved, as ratios to
+   the non-private epoch. Same model, nonlinearity and optimizer both ways.
+2. **Sample-level DP, federated** (``sample_level``): 10 devices (IID shards of
+   6,000), every device in every round, each running DP-SGD with the device code
+   (``edge_client.privacy``: the loader's true rate and steps, PLD calibration
+   for all rounds, Opacus ghost clipping) on ``--model`` (default the DP model,
+   with its recipe ``edge_client.defaults.DP_CNN_SGD_TRAINING``), FedAvg of their
+   deltas; for target epsilon 1, 3 and 8 (delta 1e-5). Test accuracy on the
+   10,000 test images after each round, with the PLD epsilon spent so far and
+   RDP's statement of the same runs.
+3. **User-level distributed DP at scale** (``user_level``): ``--devices`` devices
+   (IID shards of 60) in cohorts of ``--cohort-size``; each run ``z:p:k`` gives
+   the noise multiplier, the random check-in probability and the cohorts each
+   device joins. Members train plainly, draw their check-in coin, clip, quantize
+   and add their Skellam share with the product's code, the function's checked
+   decoding recovers the mean, and every member books what the device books.
+   The pairwise masks are left out because they cancel exactly in the sum (the
+   integration tests check that bit for bit).
 
-Rounds run in-process (no bucket) so the three epsilons fit in minutes; the
-full path through S3 and secure aggregation is ``make demo ARGS='--dp-epsilon 3'``.
+Rounds run in-process (no bucket) so the runs fit in an hour; the full path
+through S3 and secure aggregation is ``make demo ARGS='--model dp_cnn
+--dp-epsilon 3'`` and ``benchmarks/scale.py --dp-user-noise``.
 
-Run: ``.venv/bin/python -m benchmarks.dp`` (about 25 minutes on 2 idle cores, far
-longer on a shared machine; ``--workers`` sets the training processes);
-``--quick`` for a smoke run.
+Run: ``.venv/bin/python -m benchmarks.dp`` (sample level about 55 minutes and
+user level about 12 on 2 cores; ``--skip cost,user`` and the like run parts,
+keeping the others' rows); ``--quick`` for a smoke run.
 """
 
 from __future__ import annotations
@@ -483,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cohort-size", type=int, default=100)
     ap.add_argument("--user-clip", type=float, default=0.5)
     ap.add_argument("--user-server-lr", type=float, default=1.0)
+    ap.add_argument(
+        "--user-append",
+        action="store_true",
+        help="add the user-level rows to those in --out instead of replacing them",
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: cost,sample,user")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -528,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     if "user" not in skip:
         from edge_client.defaults import SIM_TRAINING as sim  # small shards' local training
 
-        doc["user_level"] = user_level(
+        earlier = doc.get("user_level", []) if args.user_append else []
+        doc["user_level"] = earlier + user_level(
             [_user_run(r) for r in args.user_runs.split(",")],
             model=args.user_model, devices=args.devices, cohort_size=args.cohort_size,
             clip=args.user_clip, epochs=sim.epochs, batch=sim.batch_size, lr=sim.lr,
