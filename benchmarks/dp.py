@@ -155,7 +155,7 @@ def _device_round(job: dict[str, Any]) -> tuple[dict[str, np.ndarray], float, in
     _torch_setup()
     mnist = _mnist()
     idx = job["idx"]
-    model = build(job["params"], activation=job["activation"])
+    model = build(job["params"])  # train_local_dp applies the activation
     settings = TrainSettings(
         epochs=job["epochs"], batch_size=job["batch"], lr=job["lr"], momentum=job["momentum"],
         seed=job["seed"], activation=job["activation"], optimizer="sgd",
@@ -312,14 +312,14 @@ def user_level(
     quantizes and adds its Skellam share (``DistributedDP.privatize``); the sum is decoded
     with the function's checks (``decode_checked``). Each member books what the device
     books (``EdgeDevice.user_dp_refusal``/``book_release``): the worst-case release RDP at
-    the cohort's minimum, amplified at p (``booked_rate``, ``poisson_subsampled``). The
+    the cohort's minimum, amplified at p (``booked_rate``, ``booked_rdp``). The
     pairwise masks are left out: they cancel exactly in the sum (the integration tests
     check that bit for bit); noise, clip, quantization, coins and accounting are real."""
     from edge_client.data import load_mnist, partition
     from edge_client.model import build
     from edge_client.train import evaluate
     from fedcore.dp import rdp
-    from fedcore.dp.amplification import booked_rate, draw_checkin, poisson_subsampled
+    from fedcore.dp.amplification import booked_rate, booked_rdp, draw_checkin
     from fedcore.dp.distributed import DistributedDP, secure_generator
     from fedcore.modelspec import init_params, num_parameters, schema
     from fedcore.server.secure import unflatten
@@ -336,9 +336,7 @@ def user_level(
                 clip=clip, noise_multiplier=z, delta=1e-5, n=cohort_size, min_survivors=cohort_size
             )
             rate = booked_rate(p, secure=True, distributed_dp=True)
-            booked = poisson_subsampled(
-                rdp=dp.worst_case_rdp(cohort_size, dim), orders=rdp.INTEGER_ORDERS, q=rate
-            )
+            booked = booked_rdp(dp.worst_case_rdp(cohort_size, dim), rate)
             order_rng = np.random.default_rng(0)  # the server's (public) choice of members
 
             def spent(k: int, booked: list[float] = booked) -> float:

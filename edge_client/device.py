@@ -45,8 +45,7 @@ from fedcore.device import (
     drive,
     machine,
 )
-from fedcore.dp import rdp as rdp_math
-from fedcore.dp.amplification import booked_rate, draw_checkin, poisson_subsampled
+from fedcore.dp.amplification import booked_rate, booked_rdp, draw_checkin
 from fedcore.errors import UnusableUpdateError
 from fedcore.messages import CohortConfig, Mode
 from fedcore.modelspec import num_parameters
@@ -92,14 +91,6 @@ class DevicePrivacy:
     state_dir: Path
     sample: SampleDPSettings | None = None
     user: UserDPRequirement | None = None
-
-
-def _amplified(worst: list[float], rate: float) -> list[float]:
-    """A release's user-level RDP (on ``rdp.INTEGER_ORDERS``, as ``worst_case_rdp`` gives
-    it) booked at check-in ``rate`` (1.0: unchanged)."""
-    if rate >= 1:
-        return worst
-    return poisson_subsampled(rdp=worst, orders=rdp_math.INTEGER_ORDERS, q=rate)
 
 
 def say(client_id: str, msg: str) -> None:
@@ -218,7 +209,7 @@ class Device:
         )
         worst = dp.worst_case_rdp(cfg.min_members, self.model_dimension(cfg.base_version))
         try:
-            self.budget.check_user(_amplified(worst, rate), want.target_epsilon, want.delta)
+            self.budget.check_user(booked_rdp(worst, rate), want.target_epsilon, want.delta)
         except BudgetExhausted as exc:
             return f"refusing {cfg.cohort_id}: {exc}"
         self._checkin = (cfg.cohort_id, rate)
@@ -243,7 +234,7 @@ class Device:
             return
         rate = self._checkin[1] if self._checkin is not None else 1.0
         self._checkin = None
-        self.budget.record_release(_amplified(list(rdp), rate), unamplified=list(rdp))
+        self.budget.record_release(booked_rdp(rdp, rate), unamplified=list(rdp))
         self.budget.save(self.privacy.state_dir)
         extra = ""
         if rate < 1:

@@ -47,7 +47,7 @@ from infra.watch import Ended, VersionWatch, waiting_lines
 PLAIN_TRAINING = {**asdict(d.DEVICE_TRAINING), "round_deadline_s": 90.0, "versions": 8}
 # DP-SGD is about 3x slower per example: a longer input round and fewer versions.
 DP_TRAINING = {**asdict(d.DP_SGD_TRAINING), "round_deadline_s": 400.0, "versions": 4}
-# The DP-friendly model: three epochs a participation, ten participations.
+# The DP-friendly model: its recipe, ten participations.
 DP_CNN_TRAINING = {**asdict(d.DP_CNN_SGD_TRAINING), "round_deadline_s": 400.0, "versions": 10}
 # While no new version comes: at most this often, a line per open cohort saying why.
 NOTE_EVERY_S = 10.0

@@ -60,6 +60,8 @@ import math
 import os
 from collections.abc import Callable, Sequence
 
+from fedcore.dp.rdp import INTEGER_ORDERS
+
 MECHANISM = "random-check-in"  # the name a device's log and privacy.json use
 _BITS = 53  # a double's mantissa: p * 2^53 is exact, so the threshold is floor(p * 2^53)
 
@@ -141,3 +143,13 @@ def poisson_subsampled(
             )  # fmt: skip
         out.append(min(float(base), _log_sum(terms) / (alpha - 1)))
     return out
+
+
+def booked_rdp(worst: Sequence[float], rate: float) -> list[float]:
+    """What a device books for a user-level release: its worst-case RDP (on
+    ``rdp.INTEGER_ORDERS``, as ``DistributedDP.worst_case_rdp`` gives it) amplified at
+    check-in ``rate`` (``booked_rate``; 1.0: unchanged). The device and the DP benchmark
+    both call this, so the benchmark's epsilons are the devices'."""
+    if rate >= 1:
+        return list(worst)
+    return poisson_subsampled(rdp=worst, orders=INTEGER_ORDERS, q=rate)
